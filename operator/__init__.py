@@ -1,0 +1,1 @@
+"""selfalign operator: typed spec, pure planner and builders, kopf handlers, local runner, CLI."""

@@ -1,0 +1,54 @@
+"""Status conditions: the types, the reasons, and the one helper that sets them.
+
+Mirrors apimachinery's `meta.SetStatusCondition`: `lastTransitionTime` moves only when the
+condition's status flips, so GitOps tools (kstatus, Argo CD) see stable conditions.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+READY = "Ready"
+PROGRESSING = "Progressing"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+SUSPENDED = "Suspended"
+CONDITION_TYPES = (READY, PROGRESSING, SUCCEEDED, FAILED, SUSPENDED)
+
+# Reasons (CamelCase, as Kubernetes expects).
+STARTING = "Starting"
+STAGE_RUNNING = "StageRunning"
+STAGE_FAILED = "StageFailed"
+RUN_SUCCEEDED = "RunSucceeded"
+INVALID_SPEC = "InvalidSpec"
+SUSPENDED_BY_USER = "SuspendedByUser"
+NOT_SUSPENDED = "NotSuspended"
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    now: str,
+) -> bool:
+    """Insert or update one condition in place; return whether anything changed."""
+    wanted = {
+        "type": type_,
+        "status": "True" if status else "False",
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    }
+    for existing in conditions:
+        if existing["type"] != type_:
+            continue
+        if all(existing.get(k) == v for k, v in wanted.items()):
+            return False
+        if existing["status"] != wanted["status"]:
+            existing["lastTransitionTime"] = now
+        existing.update(wanted)
+        return True
+    conditions.append({**wanted, "lastTransitionTime": now})
+    return True

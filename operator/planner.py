@@ -1,0 +1,245 @@
+"""The run planner: every decision about a SelfAlignRun, as one pure function.
+
+`plan(spec, status, observed, now, ...)` takes the typed spec (or the SpecError that parsing
+raised), the status the run carries, what is observed of its stage Jobs, and the time. It returns
+the new status, the Jobs that must exist, and the Events that the transition deserves. No I/O and
+no clock, so the kopf handlers and the local runner share it and tests drive it directly.
+
+Rules, in the order the code applies them:
+1. An invalid spec ends the run as Failed/InvalidSpec; a corrected spec (new generation) resumes it.
+2. Observed Jobs update the stage records. A record that is Succeeded or Failed never changes
+   again: status is the memory, so a finished Job that disappeared (TTL) is never re-run.
+3. The stages run strictly in order, round by round; the first stage not yet Succeeded is the
+   current one. Failed there fails the run; otherwise its Job must exist (an idempotent ensure:
+   created once, re-created only if it vanished before finishing).
+4. `suspend` starts nothing new; a stage already running finishes.
+5. Raising `rounds` after success continues the run.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Mapping
+
+from . import conditions as c
+from .lineage import model_uri, run_uri, stage_model, stage_uri
+from .naming import job_name
+from .spec import STAGES, RunSpec, SpecError
+
+PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
+FINAL_STAGE_PHASES = (SUCCEEDED, FAILED)
+
+
+@dataclass(frozen=True)
+class JobObservation:
+    """What the cluster (or the local runner) shows of one stage Job."""
+
+    name: str
+    round: int
+    stage: str
+    phase: Literal["Active", "Succeeded", "Failed"]
+    failures: int = 0
+    result: Mapping[str, Any] | None = None  # the stage's JSON summary (termination message)
+    message: str | None = None  # why it failed: the stage's one-line cause, or the Job's reason
+    start_time: str | None = None
+    completion_time: str | None = None
+
+
+@dataclass(frozen=True)
+class EnsureJob:
+    """The Job for (round, stage) must exist: create it, and treat 'already exists' as done."""
+
+    round: int
+    stage: str
+    name: str
+    run_uri: str
+    model: str | None
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    status: dict[str, Any]
+    jobs: tuple[EnsureJob, ...] = ()
+    events: tuple[Event, ...] = field(default=())
+
+
+def _timestamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def plan(
+    spec: RunSpec | SpecError,
+    status: Mapping[str, Any] | None,
+    observed: Mapping[str, JobObservation],
+    now: datetime,
+    *,
+    namespace: str,
+    name: str,
+    generation: int,
+) -> Plan:
+    old = copy.deepcopy(dict(status or {}))
+    new = copy.deepcopy(old)
+    ts = _timestamp(now)
+    new["observedGeneration"] = generation
+    new.setdefault("startTime", ts)
+    conds: list[dict[str, Any]] = new.setdefault("conditions", [])
+
+    if isinstance(spec, SpecError):
+        message = f"invalid spec: {spec}"
+        _set_phase(new, conds, FAILED, c.INVALID_SPEC, message, generation, ts)
+        return Plan(new, (), _events(old, new))
+
+    run = run_uri(spec, namespace, name)
+    rounds: list[dict[str, Any]] = new.setdefault("rounds", [])
+    _fold_observations(rounds, observed, ts)
+    _summarise(new, rounds, spec, run)
+
+    current = _current_stage(rounds, spec.rounds)
+    jobs: list[EnsureJob] = []
+    if current is None:
+        new["round"], new["stage"] = spec.rounds - 1, STAGES[-1]
+        new.setdefault("completionTime", ts)
+        _set_phase(new, conds, SUCCEEDED, c.RUN_SUCCEEDED,
+                   f"{spec.rounds} rounds finished; model {new.get('model', spec.model.base)}", generation, ts)
+        return Plan(new, (), _events(old, new))
+
+    round_, stage = current
+    new["round"], new["stage"] = round_, stage
+    new.pop("completionTime", None)
+    record = _record(rounds, round_, stage)
+
+    if record is not None and record["phase"] == FAILED:
+        message = (f"round {round_} stage {stage} failed after {record.get('attempts', 0)} attempt(s): "
+                   f"{record.get('message') or 'no message'}")
+        _set_phase(new, conds, FAILED, c.STAGE_FAILED, message, generation, ts)
+        return Plan(new, (), _events(old, new))
+
+    if record is None and spec.suspend:
+        _set_phase(new, conds, SUSPENDED, c.SUSPENDED_BY_USER,
+                   f"suspended before round {round_} stage {stage}", generation, ts)
+        return Plan(new, (), _events(old, new))
+
+    if record is None:
+        record = _new_record(rounds, round_, stage, job_name(name, round_, stage), ts)
+        _round_entry(rounds, round_).setdefault("model", model_uri(spec, run, round_))
+    jobs.append(EnsureJob(round_, stage, record["job"], run, stage_model(spec, run, round_, stage)))
+
+    if spec.suspend:
+        message = f"suspended; round {round_} stage {stage} is still running and nothing new starts"
+        _set_phase(new, conds, SUSPENDED, c.SUSPENDED_BY_USER, message, generation, ts)
+    else:
+        message = f"round {round_}/{spec.rounds - 1} stage {stage}: {record['phase'].lower()}"
+        _set_phase(new, conds, RUNNING, c.STAGE_RUNNING, message, generation, ts)
+    return Plan(new, tuple(jobs), _events(old, new))
+
+
+def _round_entry(rounds: list[dict[str, Any]], round_: int) -> dict[str, Any]:
+    while len(rounds) <= round_:
+        rounds.append({"round": len(rounds), "stages": {}})
+    return rounds[round_]
+
+
+def _record(rounds: list[dict[str, Any]], round_: int, stage: str) -> dict[str, Any] | None:
+    if round_ >= len(rounds):
+        return None
+    return rounds[round_]["stages"].get(stage)
+
+
+def _new_record(rounds, round_: int, stage: str, job: str, ts: str) -> dict[str, Any]:
+    record = {"job": job, "phase": PENDING, "attempts": 0, "createTime": ts}
+    _round_entry(rounds, round_)["stages"][stage] = record
+    return record
+
+
+def _fold_observations(rounds: list[dict[str, Any]], observed: Mapping[str, JobObservation], ts: str) -> None:
+    """Move each unfinished stage record forward to what its Job shows."""
+    for entry in rounds:
+        for stage, record in entry["stages"].items():
+            if record["phase"] in FINAL_STAGE_PHASES:
+                continue
+            seen = observed.get(record["job"])
+            if seen is None or (seen.round, seen.stage) != (entry["round"], stage):
+                continue
+            if seen.phase == "Active":
+                record.update(phase=RUNNING, attempts=seen.failures + 1)
+                record.setdefault("startTime", seen.start_time or ts)
+            elif seen.phase == "Succeeded":
+                record.update(phase=SUCCEEDED, attempts=seen.failures + 1,
+                              completionTime=seen.completion_time or ts, metrics=dict(seen.result or {}))
+                record.setdefault("startTime", seen.start_time or record["completionTime"])
+            else:
+                record.update(phase=FAILED, attempts=max(seen.failures, 1),
+                              completionTime=seen.completion_time or ts,
+                              message=seen.message or "the Job failed")
+                if seen.result:
+                    record["metrics"] = dict(seen.result)
+                record.setdefault("startTime", seen.start_time or record["completionTime"])
+
+
+def _current_stage(rounds: list[dict[str, Any]], total_rounds: int) -> tuple[int, str] | None:
+    """The first (round, stage) in campaign order that has not succeeded; None when all have."""
+    for round_ in range(total_rounds):
+        for stage in STAGES:
+            record = _record(rounds, round_, stage)
+            if record is None or record["phase"] != SUCCEEDED:
+                return round_, stage
+    return None
+
+
+def _summarise(new: dict[str, Any], rounds: list[dict[str, Any]], spec: RunSpec, run: str) -> None:
+    """Top-level fields for `kubectl get sar`: latest kept count, coverage and merged model."""
+    for entry in rounds:
+        stages = entry["stages"]
+        assess = stages.get("assess")
+        if assess and assess["phase"] == SUCCEEDED and "kept" in assess.get("metrics", {}):
+            new["kept"] = assess["metrics"]["kept"]
+        coverage = stages.get("coverage")
+        if coverage and coverage["phase"] == SUCCEEDED and "coverage" in coverage.get("metrics", {}):
+            new["coverage"] = round(100 * float(coverage["metrics"]["coverage"]), 1)
+        merge = stages.get("merge")
+        if merge and merge["phase"] == SUCCEEDED:
+            new["model"] = model_uri(spec, run, entry["round"] + 1)
+
+
+def _set_phase(new, conds, phase: str, reason: str, message: str, generation: int, ts: str) -> None:
+    new["phase"], new["message"] = phase, message
+    c.set_condition(conds, c.READY, phase == SUCCEEDED, reason, message, generation, ts)
+    c.set_condition(conds, c.PROGRESSING, phase == RUNNING, reason, message, generation, ts)
+    c.set_condition(conds, c.SUCCEEDED, phase == SUCCEEDED, reason, message, generation, ts)
+    c.set_condition(conds, c.FAILED, phase == FAILED, reason, message, generation, ts)
+    c.set_condition(conds, c.SUSPENDED, phase == SUSPENDED,
+                    c.SUSPENDED_BY_USER if phase == SUSPENDED else c.NOT_SUSPENDED, message, generation, ts)
+
+
+def _events(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[Event, ...]:
+    """One Event per stage transition and per run phase change, derived from the status diff."""
+    events: list[Event] = []
+    old_rounds = old.get("rounds", [])
+    for entry in new.get("rounds", []):
+        k = entry["round"]
+        before = old_rounds[k]["stages"] if k < len(old_rounds) else {}
+        for stage, record in entry["stages"].items():
+            was = before.get(stage, {}).get("phase")
+            now_ = record["phase"]
+            if was == now_:
+                continue
+            job = record["job"]
+            if now_ == PENDING:
+                events.append(Event("Normal", "StageStarted", f"round {k} stage {stage}: Job {job} created"))
+            elif now_ == SUCCEEDED:
+                events.append(Event("Normal", "StageSucceeded", f"round {k} stage {stage}: Job {job} succeeded"))
+            elif now_ == FAILED:
+                events.append(Event("Warning", "StageFailed",
+                                    f"round {k} stage {stage}: Job {job} failed: {record.get('message')}"))
+    if old.get("phase") != new.get("phase"):
+        type_ = "Warning" if new["phase"] == FAILED else "Normal"
+        events.append(Event(type_, f"Run{new['phase']}", new.get("message", "")))
+    return tuple(events)

@@ -1,0 +1,1 @@
+"""selfalign stages: synthesize, assess, train, merge, coverage. One CLI: python -m selfalign.stages."""
