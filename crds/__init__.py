@@ -1,0 +1,1 @@
+"""The SelfAlignRun CRD (selfalignrun.yaml), packaged so `selfalign validate` works when installed."""
