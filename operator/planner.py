@@ -8,7 +8,9 @@ no clock, so the kopf handlers and the local runner share it and tests drive it 
 Rules, in the order the code applies them:
 1. An invalid spec ends the run as Failed/InvalidSpec; a corrected spec (new generation) resumes it.
 2. Observed Jobs update the stage records. A record that is Succeeded or Failed never changes
-   again: status is the memory, so a finished Job that disappeared (TTL) is never re-run.
+   again: status is the memory, so a finished Job that disappeared (TTL) is never re-run. (A Job
+   that finished and vanished without ever being observed is ensured again; its stage finds its
+   own manifest and completes as a no-op: the stage contract.)
 3. The stages run strictly in order, round by round; the first stage not yet Succeeded is the
    current one. Failed there fails the run; otherwise its Job must exist (an idempotent ensure:
    created once, re-created only if it vanished before finishing).
