@@ -83,8 +83,14 @@ def run_stage(ctx: StageContext) -> dict:
         "versions": _versions(),
         "timings": {"start": started, "finish": time.time(), "seconds": round(time.time() - started, 3)},
     }
-    storage.write_json(manifest_uri, manifest)
+    if is_main_process():
+        storage.write_json(manifest_uri, manifest)
     return outcome.summary
+
+
+def is_main_process() -> bool:
+    """Under torchrun every rank runs this module; only global rank 0 writes manifest and result."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,14 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - any other failure still gets a one-line cause
         traceback.print_exc()
         return _fail(f"{args.stage} round {args.round}: {type(exc).__name__}: {exc}", EXIT_FAILED)
-    write_result(summary)
-    log.info("stage succeeded summary=%s", json.dumps(summary))
+    if is_main_process():
+        write_result(summary)
+        log.info("stage succeeded summary=%s", json.dumps(summary))
     return 0
 
 
 def _fail(cause: str, code: int) -> int:
     cause = " ".join(cause.split())
-    write_result({"error": cause})
+    if is_main_process():
+        write_result({"error": cause})
     print(f"error: {cause}", file=sys.stderr, flush=True)
     return code
 
