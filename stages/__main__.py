@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(cause: str, code: int) -> int:
     cause = " ".join(cause.split())
-    if is_main_process():
-        write_result({"error": cause})
+    write_result({"error": cause})  # from any rank: the failing pod's message names the cause
     print(f"error: {cause}", file=sys.stderr, flush=True)
     return code
 
