@@ -12,6 +12,20 @@ import sys
 from pathlib import Path
 
 
+def _run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .local import load_run, run_local
+
+    documents = [d for d in yaml.safe_load_all(args.file.read_text()) if d]
+    if len(documents) != 1:
+        print(f"{args.file}: expected one SelfAlignRun, found {len(documents)} documents", file=sys.stderr)
+        return 2
+    run = load_run(documents[0], _uri(args.storage) if args.storage else None)
+    print(f"run {run.name}: {run.spec.rounds} round(s) of {run.spec.recipe}; artifacts in {run.uri}")
+    return run_local(run, args.scratch)
+
+
 def _validate(args: argparse.Namespace) -> int:
     from .validate import validate_files
 
@@ -83,6 +97,13 @@ def _uri(path_or_uri: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfalign", description="Iterative LLM self-alignment campaigns.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("run", help="run a whole campaign on this machine (the local backend)")
+    p.add_argument("file", type=Path, help="a SelfAlignRun manifest, e.g. examples/tiny.yaml")
+    p.add_argument("--storage", help="storage root instead of the spec's (a directory or URI)")
+    p.add_argument("--scratch", type=Path, default=Path(os.environ.get("SELFALIGN_SCRATCH",
+                   Path.home() / ".cache" / "selfalign")), help="local directory for model files")
+    p.set_defaults(func=_run)
 
     p = commands.add_parser("validate", help="check SelfAlignRun manifests offline (CRD schema + typed spec)")
     p.add_argument("files", nargs="+", type=Path)
