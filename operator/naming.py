@@ -14,7 +14,10 @@ LABEL_STAGE = f"{GROUP}/stage"
 LABEL_JOB = "batch.kubernetes.io/job-name"
 
 _STAGE_SHORT = {"synthesize": "synth", "assess": "assess", "train": "train", "merge": "merge", "coverage": "cov"}
-MAX_NAME = 63  # a Job's name becomes its Pods' `job-name` label value: at most 63 characters
+# A Job's name becomes its Pods' `job-name` label (<= 63 characters), and an Indexed Job's pods
+# get the hostname `<job>-<index>` (<= 63 characters, index up to 1023 as train.nodes allows).
+MAX_LABEL = 63
+MAX_NAME = MAX_LABEL - len("-1023")
 
 
 def job_name(run: str, round_: int, stage: str) -> str:
