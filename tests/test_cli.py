@@ -1,0 +1,38 @@
+"""The `selfalign` console script as a user runs it: real subprocesses, real files."""
+import json
+import subprocess
+import sys
+
+SELFALIGN = [sys.executable, "-m", "selfalign.operator.cli"]
+
+
+def selfalign(*args, cwd=None):
+    return subprocess.run([*SELFALIGN, *args], capture_output=True, text=True, cwd=cwd, check=False)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_dedup_drops_near_duplicates_of_the_pool_and_of_earlier_candidates(tmp_path):
+    write_jsonl(tmp_path / "pool.jsonl", [{"instruction": "Write a short poem about the sea at night."}])
+    write_jsonl(tmp_path / "new.jsonl", [
+        {"instruction": "Write a short poem about the sea at night!", "id": "near-pool"},
+        {"instruction": "List three causes of the French Revolution.", "id": "fresh"},
+        {"instruction": "List three causes of the French Revolution, please.", "id": "near-fresh"},
+        {"instruction": "Explain how a bicycle gear works to a child.", "id": "other"},
+    ])
+    result = selfalign("dedup", "--pool", str(tmp_path / "pool.jsonl"), "--candidates",
+                       str(tmp_path / "new.jsonl"), "--out", str(tmp_path / "kept.jsonl"))
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout)
+    assert counts["candidates"] == 4 and counts["kept"] == 2 and counts["duplicates"] == 2
+    kept = [json.loads(line)["id"] for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert kept == ["fresh", "other"]
+
+
+def test_dedup_names_the_file_and_line_of_a_broken_row(tmp_path):
+    (tmp_path / "new.jsonl").write_text('{"instruction": "fine"}\n{"instruction": \n')
+    result = selfalign("dedup", "--candidates", str(tmp_path / "new.jsonl"), "--out", str(tmp_path / "k.jsonl"))
+    assert result.returncode == 2
+    assert "new.jsonl:2" in result.stderr and "Traceback" not in result.stderr
