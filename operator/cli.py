@@ -13,11 +13,9 @@ from pathlib import Path
 
 
 def _run(args: argparse.Namespace) -> int:
-    import yaml
-
     from .local import load_run, run_local
 
-    documents = [d for d in yaml.safe_load_all(args.file.read_text()) if d]
+    documents = _manifests(args.file)
     if len(documents) != 1:
         print(f"{args.file}: expected one SelfAlignRun, found {len(documents)} documents", file=sys.stderr)
         return 2
@@ -48,7 +46,7 @@ def _render(args: argparse.Namespace) -> int:
     from .settings import OperatorSettings
     from .spec import SpecError
 
-    documents = [d for d in yaml.safe_load_all(args.file.read_text()) if d]
+    documents = _manifests(args.file)
     if len(documents) != 1:
         print(f"{args.file}: expected one SelfAlignRun, found {len(documents)} documents", file=sys.stderr)
         return 1
@@ -85,6 +83,15 @@ def _operator(args: argparse.Namespace) -> int:
 
     run_operator(namespaces=args.namespace or None, peering=args.peering)
     return 0
+
+
+def _manifests(path: Path) -> list[dict]:
+    """YAML documents as kubectl reads them (`2e-5` is a number, not a string)."""
+    import yaml
+
+    from .validate import ManifestLoader
+
+    return [d for d in yaml.load_all(path.read_text(), Loader=ManifestLoader) if d]
 
 
 def _uri(path_or_uri: str) -> str:

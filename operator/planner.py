@@ -30,6 +30,7 @@ from .naming import job_name
 from .spec import STAGES, RunSpec, SpecError
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
+MAX_MESSAGE = 4096  # status messages stay readable and far below the CRD's 32768-character cap
 FINAL_STAGE_PHASES = (SUCCEEDED, FAILED)
 
 
@@ -180,7 +181,7 @@ def _fold_observations(rounds: list[dict[str, Any]], observed: Mapping[str, JobO
             else:
                 record.update(phase=FAILED, attempts=max(seen.failures, 1),
                               completionTime=seen.completion_time or ts,
-                              message=seen.message or "the Job failed")
+                              message=(seen.message or "the Job failed")[:MAX_MESSAGE])
                 if seen.result:
                     record["metrics"] = dict(seen.result)
                 record.setdefault("startTime", seen.start_time or record["completionTime"])
@@ -202,7 +203,7 @@ def _summarise(new: dict[str, Any], rounds: list[dict[str, Any]], spec: RunSpec,
         stages = entry["stages"]
         assess = stages.get("assess")
         if assess and assess["phase"] == SUCCEEDED and "kept" in assess.get("metrics", {}):
-            new["kept"] = assess["metrics"]["kept"]
+            new["kept"] = int(assess["metrics"]["kept"])
         coverage = stages.get("coverage")
         if coverage and coverage["phase"] == SUCCEEDED and "coverage" in coverage.get("metrics", {}):
             new["coverage"] = round(100 * float(coverage["metrics"]["coverage"]), 1)
@@ -212,6 +213,8 @@ def _summarise(new: dict[str, Any], rounds: list[dict[str, Any]], spec: RunSpec,
 
 
 def _set_phase(new, conds, phase: str, reason: str, message: str, generation: int, ts: str) -> None:
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
     new["phase"], new["message"] = phase, message
     c.set_condition(conds, c.READY, phase == SUCCEEDED, reason, message, generation, ts)
     c.set_condition(conds, c.PROGRESSING, phase == RUNNING, reason, message, generation, ts)

@@ -3,204 +3,311 @@
 One model serves the operator, the local runner and every stage, so a field means the same thing
 everywhere. `parse_spec` merges the recipe's preset *under* what the user wrote (every preset value
 can be overridden) and reports each problem with its field path, e.g. `spec.train.loraRank`.
-The CRD in `crds/` carries the same shape; tests keep the two in agreement.
+The CRD in `crds/` carries the same shape and bounds; tests keep the two in agreement. The checks
+in `_combination_errors` need the preset merged in, which the CRD cannot see: they live only here
+(the CRD mirrors the ones whose fields it can see).
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 STAGES: tuple[str, ...] = ("synthesize", "assess", "train", "merge", "coverage")
 Stage = Literal["synthesize", "assess", "train", "merge", "coverage"]
 Recipe = Literal["isheep", "self-instruct", "aitp"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
+# Patterns shared with the CRD (Go RE2, Python re and pydantic's Rust regex read them alike;
+# no backslash escapes where a CEL string literal repeats them).
 MODEL_URI = r"^(s3|pvc|hf|file|builtin)://\S+$"
 STORAGE_URI = r"^(s3|file)://\S+$"
-QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+HTTP_URL = r"^https?://\S+$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+             r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+IMAGE = r"^\S+$"
+URI_MAX = 2048
+MAX_PROMPT_EXAMPLES = 32  # tasks shown in one generation prompt, seeds and machine ones together
+SEED_MAX = 2**32 - 1
+
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
 
 
 class _Model(BaseModel):
-    """camelCase on the wire (as in the CRD), snake_case in Python; unknown fields are errors."""
+    """camelCase on the wire (as in the CRD), snake_case in Python; unknown fields are errors.
+
+    Strict, like the CRD schema: `"3"` is not a number and `"yes"` is not a boolean.
+    """
 
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, strict=True
     )
 
 
 class ModelSource(_Model):
-    base: str = Field(pattern=MODEL_URI, description="Base model: s3://, pvc://, hf://, file:// or builtin://")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; auto means bfloat16 on GPU, float32 on CPU"
-    )
+    base: str = Field(max_length=URI_MAX, pattern=MODEL_URI,
+                      description="Base model M_0: s3://, pvc://, hf:// (clusters with egress), file:// or builtin://")
+    dtype: Dtype = Field("auto", description="Weights dtype; auto means bfloat16 on GPU, float32 on CPU")
 
 
 class SecretRef(_Model):
-    name: str = Field(min_length=1, max_length=253, description="Secret with AWS_* keys, mounted with envFrom")
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
+                      description="Secret in the run's namespace with AWS_* keys, given to stage pods with envFrom")
 
 
 class Storage(_Model):
-    uri: str = Field(pattern=STORAGE_URI, description="Root URI; a run writes under <uri>/<namespace>/<name>/")
-    endpoint: str | None = Field(None, pattern=r"^https?://\S+$", description="S3 endpoint URL (MinIO, Ceph, ...)")
-    region: str | None = Field(None, description="S3 region")
-    secret_ref: SecretRef | None = Field(None, description="Credentials for the stage pods only")
+    uri: str = Field(max_length=URI_MAX, pattern=STORAGE_URI,
+                     description="Root URI; a run writes under <uri>/<namespace>/<name>/")
+    endpoint: str | None = Field(None, max_length=URI_MAX, pattern=HTTP_URL,
+                                 description="S3 endpoint URL (MinIO, Ceph, ...); s3:// storage only")
+    region: str | None = Field(None, max_length=64, pattern=r"^[a-z0-9-]+$",
+                               description="S3 region; s3:// storage only")
+    secret_ref: SecretRef | None = Field(None, description="Credentials for the stage pods only; s3:// storage only")
 
 
 class Sampling(_Model):
-    temperature: float = Field(ge=0, le=5)
-    top_p: float = Field(gt=0, le=1)
-    max_tokens: int = Field(ge=1, le=32768)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    temperature: float = Field(ge=0, le=5, description="Sampling temperature; 0 is greedy")
+    top_p: float = Field(gt=0, le=1, description="Nucleus sampling mass")
+    max_tokens: int = Field(ge=1, le=32768,
+                            description="Generated tokens per completion; must be below engine.maxModelLen")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Penalty on tokens already present")
 
 
 class Synthesize(_Model):
-    instructions_per_round: int = Field(ge=1, le=10_000_000, description="Target count of instructions surviving the filters")
-    max_prompts: int = Field(ge=1, description="Cap on generation prompts per round")
-    seed_examples: int = Field(ge=1, le=32, description="Seed tasks shown per prompt")
-    machine_examples: int = Field(ge=0, le=32, description="Machine-generated tasks shown per prompt")
-    seed_sampling: Literal["uniform", "inverse"] = Field(description="inverse: weight 1/perplexity under the current model")
-    instruction_sampling: Sampling
-    response_sampling: Sampling
+    instructions_per_round: int = Field(ge=1, le=10_000_000,
+                                        description="Target count of instructions surviving the filters")
+    max_prompts: int = Field(ge=1, le=100_000_000, description="Cap on generation prompts per round")
+    seed_examples: int = Field(ge=1, le=MAX_PROMPT_EXAMPLES, description="Seed tasks shown per prompt")
+    machine_examples: int = Field(ge=0, le=MAX_PROMPT_EXAMPLES, description="Machine-generated tasks shown per prompt")
+    seed_sampling: Literal["uniform", "inverse"] = Field(
+        description="How seeds are drawn; inverse weights each seed by 1/perplexity under the current model")
+    instruction_sampling: Sampling = Field(description="Decoding of new instructions")
+    response_sampling: Sampling = Field(description="Decoding of responses")
     questions_per_gap_doc: int = Field(2, ge=1, le=16, description="AITP questions written per gap document")
-    seed: int = Field(0, description="Sampling seed; a rerun gives the same data")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Sampling seed; a rerun gives the same data")
 
 
 class Dedup(_Model):
-    rouge_l: float = Field(0.7, gt=0, le=1, alias="rougeL", description="Reject when ROUGE-L F1 > this")
+    rouge_l: float = Field(0.7, gt=0, le=1, alias="rougeL",
+                           description="Reject an instruction whose ROUGE-L F1 against the pool is above this")
 
 
 class Threshold(_Model):
-    quality: float = Field(ge=0, le=10, description="Keep when expected quality > this")
-    following: float = Field(ge=0, le=10, description="Keep when expected following > this")
-    rewrite_quality: float = Field(7.0, ge=0, le=10, description="AITP rewrites: keep when quality >= this")
+    quality: float = Field(ge=0, le=10, description="Keep when the expected quality score is above this")
+    following: float = Field(ge=0, le=10, description="Keep when the expected following score is above this")
+    rewrite_quality: float = Field(7.0, ge=0, le=10, description="AITP rewrites: keep when quality is at least this")
 
 
 class Assess(_Model):
-    judge: Literal["base", "current"] = Field(description="Which model scores the data")
-    rules: list[Literal["self-instruct", "isheep"]] = Field(min_length=0, description="Rule-filter families applied")
-    dedup: Dedup = Dedup()
-    threshold: Threshold
-    min_kept: int = Field(1, ge=1, description="Fewer kept items fail the stage")
+    judge: Literal["base", "current"] = Field(description="Which model scores the data: the base model or this round's")
+    rules: list[Literal["self-instruct", "isheep"]] = Field(
+        max_length=2, description="Rule-filter families applied, each at most once; empty applies none")
+    dedup: Dedup = Field(Dedup(), description="Global near-duplicate removal")
+    threshold: Threshold = Field(description="Self-assessment score cut-offs")
+    min_kept: int = Field(1, ge=1, le=10_000_000, description="Fewer kept items fail the stage")
+
+    @field_validator("rules")
+    @classmethod
+    def _rules_once(cls, rules: list[str]) -> list[str]:
+        if len(set(rules)) != len(rules):
+            raise ValueError("each rule family may appear once")
+        return rules
 
 
 class Train(_Model):
-    from_: Literal["base", "previous"] = Field(alias="from", description="Train on the base model or on the previous round's")
+    from_: Literal["base", "previous"] = Field(
+        alias="from", description="Train (and merge) on the base model every round, or on the previous round's")
     data: Literal["round", "cumulative"] = Field(description="This round's kept data, or every round's so far")
-    lora_rank: int = Field(ge=1, le=1024)
-    lora_alpha: float = Field(gt=0)
-    lora_dropout: float = Field(ge=0, lt=1)
-    target_modules: list[str] = Field(min_length=1, description='Module names, or ["all-linear"]')
-    learning_rate: float = Field(gt=0, le=1)
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
-    warmup_ratio: float = Field(ge=0, le=1)
-    epochs: float = Field(gt=0, le=100)
-    per_device_batch_size: int = Field(ge=1, le=4096)
-    gradient_accumulation_steps: int = Field(ge=1, le=4096)
-    max_seq_length: int = Field(ge=16, le=1_048_576)
-    zero_stage: Literal[0, 1, 2, 3]
-    nodes: int = Field(1, ge=1, le=1024, description="Nodes for one training Job (Indexed Job when > 1)")
-    checkpoint_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps")
-    seed: int = 0
+    lora_rank: int = Field(ge=1, le=1024, description="LoRA rank r")
+    lora_alpha: float = Field(gt=0, le=4096, description="LoRA scaling alpha")
+    lora_dropout: float = Field(ge=0, lt=1, description="Dropout on the LoRA input")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^\S+$")]] = Field(
+        min_length=1, max_length=64, description='Module names to adapt, or ["all-linear"] alone')
+    learning_rate: float = Field(gt=0, le=1, description="Peak learning rate")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        description="Learning-rate schedule")
+    warmup_ratio: float = Field(ge=0, le=1, description="Share of steps spent warming up")
+    epochs: float = Field(gt=0, le=100, description="Passes over the training data")
+    per_device_batch_size: int = Field(ge=1, le=4096, description="Sequences per device per step")
+    gradient_accumulation_steps: int = Field(ge=1, le=4096, description="Steps accumulated per optimizer update")
+    max_seq_length: int = Field(ge=16, le=1_048_576,
+                                description="Token cut-off; prompt tokens are masked from the loss")
+    zero_stage: Literal[0, 1, 2, 3] = Field(description="DeepSpeed ZeRO stage")
+    nodes: int = Field(1, ge=1, le=1024, description="Nodes for one training Job (an Indexed Job when > 1)")
+    checkpoint_steps: int = Field(50, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Training seed")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, modules: list[str]) -> list[str]:
+        if len(set(modules)) != len(modules):
+            raise ValueError("module names must be unique")
+        if "all-linear" in modules and len(modules) > 1:
+            raise ValueError('"all-linear" already selects every linear layer: list it alone')
+        return modules
 
 
 class Merge(_Model):
-    tolerance: float = Field(0.01, gt=0, description="Max abs logit difference, merged vs adapter, on a probe batch")
+    tolerance: float = Field(0.01, gt=0, le=100,
+                             description="Max abs logit difference, merged vs adapter model, on a probe batch")
 
 
 class Coverage(_Model):
-    reference: str = Field(pattern=MODEL_URI, description="Reference corpus (JSONL with text, or text lines)")
-    embedder: str = Field("builtin://all-minilm-l6-v2", pattern=MODEL_URI, description="sentence-transformers model")
-    similarity: float = Field(0.5, ge=-1, le=1, description="A document is covered when its nearest item is at least this similar")
+    reference: str = Field(max_length=URI_MAX, pattern=MODEL_URI,
+                           description="Reference corpus: JSONL with a text field, or text lines")
+    embedder: str = Field("builtin://all-minilm-l6-v2", max_length=URI_MAX, pattern=MODEL_URI,
+                          description="sentence-transformers model")
+    similarity: float = Field(0.5, ge=-1, le=1,
+                              description="A document is covered when its nearest instruction is at least this similar")
     k: int = Field(10, ge=1, le=1000, description="Neighbours for the SFT-density score")
-    gap_docs_per_round: int = Field(ge=0, le=1_000_000, description="Gap documents handed to the next round's synthesize")
-    exact_search_limit: int = Field(100_000, ge=1, description="Above this many vectors, an approximate index")
+    gap_docs_per_round: int = Field(ge=0, le=1_000_000,
+                                    description="Gap documents handed to the next round's synthesize")
+    exact_search_limit: int = Field(100_000, ge=1, le=1_000_000_000,
+                                    description="Above this many vectors, an approximate index")
 
 
 class Engine(_Model):
     """vLLM settings shared by synthesize and assess."""
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: int = Field(4096, ge=64)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    tensor_parallel_size: int | None = Field(None, ge=1, description="Default: the stage's GPU count")
-    enforce_eager: bool = False
+    dtype: Dtype = Field("auto", description="Engine dtype; auto follows the model")
+    max_model_len: int = Field(4096, ge=64, le=1_048_576, description="Context length: prompt plus generated tokens")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take")
+    tensor_parallel_size: int | None = Field(None, ge=1, le=64,
+                                             description="GPUs one engine spans; default: the stage's GPU count")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (slower, less memory, faster start)")
 
 
 class Toleration(_Model):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    key: str | None = Field(None, max_length=317, pattern=LABEL_KEY, description="Taint key; empty matches every key")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Equal (the default) or Exists")
+    value: LabelValue | None = Field(None, description="Taint value for operator Equal")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect; empty matches every effect")
+    toleration_seconds: int | None = Field(None, ge=0, description="How long a NoExecute taint is tolerated")
 
 
 class StageResources(_Model):
     gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod")
-    cpu: str | None = Field(None, pattern=QUANTITY)
-    memory: str | None = Field(None, pattern=QUANTITY)
-    shm_size: str = Field("1Gi", pattern=QUANTITY, description="Memory-backed /dev/shm")
-    scratch_size: str = Field("50Gi", pattern=QUANTITY, description="Scratch volume for model files")
-    node_selector: dict[str, str] = {}
-    tolerations: list[Toleration] = []
-    priority_class_name: str | None = None
-    image: str | None = Field(None, description="Overrides the operator's image for this stage")
+    cpu: str | None = Field(None, max_length=32, pattern=QUANTITY, description="CPU request and limit, e.g. 8 or 500m")
+    memory: str | None = Field(None, max_length=32, pattern=QUANTITY, description="Memory request and limit, e.g. 64Gi")
+    shm_size: str = Field("1Gi", max_length=32, pattern=QUANTITY, description="Memory-backed /dev/shm size")
+    scratch_size: str = Field("50Gi", max_length=32, pattern=QUANTITY, description="Scratch volume for model files")
+    node_selector: dict[str, LabelValue] = Field({}, max_length=64, description="Node labels the pod requires")
+    tolerations: list[Toleration] = Field([], max_length=64, description="Taints the pod tolerates")
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
+                                            description="PriorityClass of the pod")
+    image: str | None = Field(None, max_length=512, pattern=IMAGE,
+                              description="Overrides the operator's image for this stage")
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, selector: dict[str, str]) -> dict[str, str]:
+        bad = [key for key in selector if len(key) > 317 or not re.match(LABEL_KEY, key)]
+        if bad:
+            raise ValueError(f"not a label key: {', '.join(map(repr, bad))}")
+        return selector
 
 
 class Resources(_Model):
-    synthesize: StageResources = StageResources()
-    assess: StageResources = StageResources()
-    train: StageResources = StageResources()
-    merge: StageResources = StageResources()
-    coverage: StageResources = StageResources()
+    synthesize: StageResources = Field(StageResources(), description="Pod of the synthesize stage")
+    assess: StageResources = Field(StageResources(), description="Pod of the assess stage")
+    train: StageResources = Field(StageResources(), description="Pod(s) of the train stage, per node")
+    merge: StageResources = Field(StageResources(), description="Pod of the merge stage")
+    coverage: StageResources = Field(StageResources(), description="Pod of the coverage stage")
 
     def for_stage(self, stage: str) -> StageResources:
         return getattr(self, stage)
 
 
 class RunSpec(_Model):
-    recipe: Recipe
-    rounds: int = Field(ge=1, le=100)
-    model: ModelSource
-    seeds: str = Field(pattern=MODEL_URI, description="Seed tasks: Self-Instruct, Alpaca or chat JSONL")
-    storage: Storage
-    synthesize: Synthesize
-    assess: Assess
-    train: Train
-    merge: Merge = Merge()
-    coverage: Coverage
-    engine: Engine = Engine()
-    resources: Resources = Resources()
-    queue_name: str | None = Field(None, max_length=63, description="Kueue LocalQueue")
-    suspend: bool = False
+    recipe: Recipe = Field(description="Method preset of every stage parameter; immutable")
+    rounds: int = Field(ge=1, le=100, description="Rounds of synthesize, assess, train, merge, coverage; may only grow")
+    model: ModelSource = Field(description="The model the campaign starts from")
+    seeds: str = Field(max_length=URI_MAX, pattern=MODEL_URI,
+                       description="Seed tasks: Self-Instruct, Alpaca or chat JSONL; immutable")
+    storage: Storage = Field(description="Where stages exchange data")
+    synthesize: Synthesize = Field(description="Instruction and response generation")
+    assess: Assess = Field(description="Filters, dedup and self-assessment")
+    train: Train = Field(description="LoRA fine-tuning")
+    merge: Merge = Field(Merge(), description="Folding the adapter into the model")
+    coverage: Coverage = Field(description="Coverage of the reference corpus and gap documents")
+    engine: Engine = Field(Engine(), description="vLLM engine of synthesize and assess")
+    resources: Resources = Field(Resources(), description="Pod resources per stage")
+    queue_name: str | None = Field(None, max_length=63, pattern=DNS_SUBDOMAIN,
+                                   description="Kueue LocalQueue the stage Jobs are submitted to")
+    suspend: bool = Field(False, description="Start nothing new; a running stage finishes")
     backoff_limit: int = Field(2, ge=0, le=20, description="Pod retries per stage Job")
 
     @model_validator(mode="before")
     @classmethod
     def _apply_recipe(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("recipe") in PRESETS:
+        if isinstance(data, dict) and isinstance(data.get("recipe"), str) and data["recipe"] in PRESETS:
             return deep_merge(PRESETS[data["recipe"]], data)
         return data
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunSpec:
-        if self.synthesize.seed_examples + self.synthesize.machine_examples > 32:
-            raise ValueError("spec.synthesize: seedExamples + machineExamples must be <= 32")
-        if self.train.nodes > 1 and self.resources.train.gpus < 1:
-            raise ValueError("spec.train.nodes: more than one node needs resources.train.gpus >= 1")
+        errors = _combination_errors(self)
+        if errors:
+            raise ValueError("\n".join(errors))  # parse_spec reports one error per line
         return self
 
     def stage_resources(self, stage: str) -> StageResources:
         return self.resources.for_stage(stage)
 
 
+def _combination_errors(spec: RunSpec) -> list[str]:
+    """Checks across fields, after the preset is merged in. Each line names one field."""
+    errors = []
+    syn = spec.synthesize
+    if syn.seed_examples + syn.machine_examples > MAX_PROMPT_EXAMPLES:
+        errors.append(f"spec.synthesize.seedExamples: seedExamples + machineExamples is "
+                      f"{syn.seed_examples} + {syn.machine_examples}, more than {MAX_PROMPT_EXAMPLES} per prompt")
+    for field, sampling in (("instructionSampling", syn.instruction_sampling),
+                            ("responseSampling", syn.response_sampling)):
+        if sampling.max_tokens >= spec.engine.max_model_len:
+            errors.append(f"spec.synthesize.{field}.maxTokens: {sampling.max_tokens} leaves no room for the prompt "
+                          f"in spec.engine.maxModelLen {spec.engine.max_model_len}")
+    if spec.assess.min_kept > syn.instructions_per_round:
+        errors.append(f"spec.assess.minKept: {spec.assess.min_kept} is more than "
+                      f"spec.synthesize.instructionsPerRound {syn.instructions_per_round}: the stage could never pass")
+    if spec.train.nodes > 1 and spec.resources.train.gpus < 1:
+        errors.append("spec.train.nodes: more than one node needs resources.train.gpus >= 1")
+    tp = spec.engine.tensor_parallel_size
+    for stage in ("synthesize", "assess"):
+        gpus = spec.resources.for_stage(stage).gpus
+        if tp is not None and gpus and tp > gpus:
+            errors.append(f"spec.engine.tensorParallelSize: {tp} is more than the {gpus} GPU(s) "
+                          f"of resources.{stage}.gpus")
+    if not spec.storage.uri.startswith("s3://"):
+        for field, value in (("endpoint", spec.storage.endpoint), ("region", spec.storage.region),
+                             ("secretRef", spec.storage.secret_ref)):
+            if value is not None:
+                errors.append(f"spec.storage.{field}: only for s3:// storage, but uri is {spec.storage.uri}")
+    for stage in STAGES:
+        for i, toleration in enumerate(spec.resources.for_stage(stage).tolerations):
+            path = f"spec.resources.{stage}.tolerations[{i}]"
+            if not toleration.key and toleration.operator != "Exists":
+                errors.append(f"{path}.operator: a toleration without a key matches every taint: it needs Exists")
+            if toleration.operator == "Exists" and toleration.value:
+                errors.append(f"{path}.value: must be empty when operator is Exists")
+            if toleration.toleration_seconds is not None and toleration.effect != "NoExecute":
+                errors.append(f"{path}.tolerationSeconds: only for effect NoExecute")
+    return errors
+
+
 _SI_DECODING = {"temperature": 0.7, "topP": 0.5, "maxTokens": 1024, "presencePenalty": 2.0}
 _ISHEEP_DECODING = {"temperature": 1.0, "topP": 0.95, "maxTokens": 1000, "presencePenalty": 0.0}
 _TRAIN_COMMON = {
-    "data": "round", "loraRank": 16, "loraAlpha": 32, "loraDropout": 0.05,
+    "data": "round", "loraRank": 16, "loraAlpha": 32.0, "loraDropout": 0.05,
     "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"], "learningRate": 4e-4,
-    "scheduler": "cosine", "warmupRatio": 0.03, "epochs": 3, "perDeviceBatchSize": 4,
+    "scheduler": "cosine", "warmupRatio": 0.03, "epochs": 3.0, "perDeviceBatchSize": 4,
     "gradientAccumulationSteps": 4, "maxSeqLength": 1024, "zeroStage": 3,
 }
 
@@ -272,20 +379,35 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _in_a_preset(loc: tuple[Any, ...]) -> bool:
+    """Whether some recipe preset supplies the value at `loc`."""
+    for preset in PRESETS.values():
+        node: Any = preset
+        for key in loc:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            return True
+    return False
+
+
 def parse_spec(raw: dict[str, Any] | None) -> RunSpec:
     """Validate a spec as written in a manifest (camelCase); raise SpecError naming each field."""
     try:
         return RunSpec.model_validate(raw or {})
     except ValidationError as exc:
+        details = exc.errors(include_url=False)
+        bad_recipe = any(err["loc"] == ("recipe",) for err in details)
         errors = []
-        for err in exc.errors(include_url=False):
-            message = err["msg"].removeprefix("Value error, ")
-            if err["loc"] or not message.startswith("spec."):
-                message = f"{_field_path(err['loc'])}: {message}"
-            errors.append(message)
+        for err in details:
+            if bad_recipe and err["type"] == "missing" and _in_a_preset(err["loc"]):
+                continue  # only noise: the recipe's preset would have supplied it
+            for message in err["msg"].removeprefix("Value error, ").splitlines():
+                if err["loc"] or not message.startswith("spec."):
+                    message = f"{_field_path(err['loc'])}: {message}"
+                errors.append(message)
         raise SpecError(errors) from None
 
 
 def dump_spec(spec: RunSpec) -> dict[str, Any]:
-    """The resolved spec as the stages receive it (camelCase, every default filled in)."""
-    return spec.model_dump(mode="json", by_alias=True)
+    """The resolved spec as the stages receive it: camelCase, every default filled in, no nulls."""
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)

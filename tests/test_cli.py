@@ -36,3 +36,30 @@ def test_dedup_names_the_file_and_line_of_a_broken_row(tmp_path):
     result = selfalign("dedup", "--candidates", str(tmp_path / "new.jsonl"), "--out", str(tmp_path / "k.jsonl"))
     assert result.returncode == 2
     assert "new.jsonl:2" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_validate_accepts_the_examples_and_names_each_bad_field(tmp_path):
+    from pathlib import Path
+
+    examples = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "examples").glob("run-*.yaml"))
+    assert examples
+    ok = selfalign("validate", *examples)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(examples[0]).read_text().replace("rounds:", "rounds: 0\n  x-rounds:", 1))
+    result = selfalign("validate", str(bad))
+    assert result.returncode == 1
+    assert "spec.rounds" in result.stdout
+
+
+def test_render_prints_every_object_of_the_round(tmp_path):
+    import yaml
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "run-isheep.yaml"
+    result = selfalign("render", str(example), "--round", "1")
+    assert result.returncode == 0, result.stderr
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(result.stdout)]
+    assert kinds.count("Job") == 5 and kinds.count("ConfigMap") == 1
+    out_of_range = selfalign("render", str(example), "--round", "99")
+    assert out_of_range.returncode == 1 and "round 99" in out_of_range.stderr

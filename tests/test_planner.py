@@ -295,3 +295,11 @@ def test_random_histories_keep_every_invariant(events, rounds, backoff, fail_wei
     else:
         assert [r["phase"] for r in records.values()].count("Failed") == 1
         assert "boom" in status["message"]
+
+
+def test_long_messages_are_bounded_and_kept_is_an_integer():
+    error = SpecError([f"spec.field{i}: bad value " + "x" * 100 for i in range(200)])
+    bad = step(error, None)
+    assert len(bad.status["message"]) <= 4096 and bad.status["message"].endswith("...")
+    final, _ = run_to_end(make_spec(rounds=1), results={"assess": {"kept": 12.0}})
+    assert final.status["kept"] == 12 and isinstance(final.status["kept"], int)
