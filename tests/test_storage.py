@@ -204,3 +204,20 @@ def test_builtin_models(tmp_path, monkeypatch):
 
     monkeypatch.setattr("selfalign.stages.tiny_model.build_tiny_llama", no_rebuild)
     assert builtin.materialize("tiny-llama", tmp_path) == tiny
+
+
+def test_packaged_data_and_mounted_claims_read_like_files(tmp_path, monkeypatch):
+    from selfalign.stages.records import load_seeds
+
+    seeds = load_seeds("builtin://self-instruct-seeds")
+    assert len(seeds) == 175
+    reference = list(storage.iter_jsonl("builtin://reference-sample"))
+    assert len(reference) == 335 and {"id", "domain", "text"} <= reference[0][1].keys()
+    assert len({row["domain"] for _, row in reference}) == 29
+    monkeypatch.setattr(storage, "PVC_ROOT", tmp_path)
+    (tmp_path / "claim" / "data").mkdir(parents=True)
+    (tmp_path / "claim" / "data" / "x.jsonl").write_text('{"a": 1}\n')
+    assert storage.exists("pvc://claim/data/x.jsonl")
+    assert list(storage.iter_jsonl("pvc://claim/data/x.jsonl")) == [(1, {"a": 1})]
+    with pytest.raises(storage.StorageError, match="unknown builtin data"):
+        storage.read_bytes("builtin://nope")
