@@ -132,7 +132,7 @@ class Train(_Model):
     learning_rate: float = Field(gt=0, le=1, description="Peak learning rate")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         description="Learning-rate schedule")
-    warmup_ratio: float = Field(ge=0, le=1, description="Share of steps spent warming up")
+    warmup_ratio: float = Field(ge=0, lt=1, description="Share of steps spent warming up (below 1: transformers reads 1 as one step)")
     epochs: float = Field(gt=0, le=100, description="Passes over the training data")
     per_device_batch_size: int = Field(ge=1, le=4096, description="Sequences per device per step")
     gradient_accumulation_steps: int = Field(ge=1, le=4096, description="Steps accumulated per optimizer update")
