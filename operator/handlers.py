@@ -1,0 +1,228 @@
+"""The kopf operator: every event about a run, its Jobs or their Pods reconciles that run.
+
+A pass is level-triggered and idempotent: load the run, observe its Jobs and Pods (kopf's
+in-memory indices, filled by the same watch streams that deliver the events), `plan`, write the
+status once (only if it changed, through the status subresource, before any child exists), create
+what the plan needs (409 = done), then post the plan's Events. Nothing polls on a fixed period:
+the run's own watch (whose initial listing also resumes every run after a restart) and its
+children's watches are the triggers. Watches are renewed every 10 minutes, which re-delivers every
+object: the safety net for a pass that failed on a transient API error.
+
+Two replicas: kopf peering. `selfalign operator --peering NAME` makes peering mandatory (the Helm
+chart installs the ClusterKopfPeering, or a KopfPeering per watched namespace); each replica's
+priority is derived from its start time so that the OLDEST replica is the active one and a
+restarted replica waits as a standby instead of taking over. Peering is not a lease, so during a
+hand-over two replicas can act briefly; that is harmless because every create is idempotent and
+the status write is conditional on the resourceVersion it was computed from (`kube.write_status`).
+Without `--peering` the operator runs standalone (one replica).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, Callable, Mapping
+
+import kopf
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from .jobs import build_config_map, build_stage_objects, owner_reference
+from .kube import Kube
+from .naming import GROUP, KIND, LABEL_JOB, LABEL_RUN, PLURAL, VERSION
+from .observe import observe_jobs
+from .planner import EnsureJob, Event, plan
+from .settings import OperatorSettings
+from .spec import RunSpec, SpecError, parse_spec
+
+EXPECTATION_TTL = 300.0  # seconds a created Job may take to show up in the index (as kube-controller-manager)
+WATCH_RENEWAL = 600  # seconds
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.posting.enabled = False  # the reconciler posts its own Events, one per transition
+    settings.watching.server_timeout = WATCH_RENEWAL
+    settings.watching.client_timeout = WATCH_RENEWAL + 60
+    memo.reconciler = Reconciler(Kube(kubernetes.client.ApiClient()), OperatorSettings.from_env(os.environ))
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
+async def run_jobs(namespace: str, body: kopf.Body, **_: Any) -> dict:
+    run = owning_run(body)
+    return {(namespace, run): _facts(body)} if run else {}
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
+async def job_runs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    """Job -> run, for Pod events: a Pod's owner is its Job, and the run label may be shortened."""
+    run = owning_run(body)
+    return {(namespace, name): run} if run else {}
+
+
+@kopf.index("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT, LABEL_JOB: kopf.PRESENT})
+async def job_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[LABEL_JOB]): _facts(body)}
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def run_changed(namespace: str, name: str, memo: kopf.Memo, run_jobs: kopf.Index, job_pods: kopf.Index,
+                logger: kopf.Logger, **_: Any) -> None:
+    memo.reconciler.request(namespace, name, run_jobs, job_pods, logger)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
+def job_changed(namespace: str, body: kopf.Body, memo: kopf.Memo, run_jobs: kopf.Index,
+                job_pods: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
+    run = owning_run(body)
+    if run:
+        memo.reconciler.request(namespace, run, run_jobs, job_pods, logger)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT, LABEL_JOB: kopf.PRESENT})
+def pod_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, run_jobs: kopf.Index,
+                job_runs: kopf.Index, job_pods: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
+    for run in list(job_runs.get((namespace, labels[LABEL_JOB]), ())):
+        memo.reconciler.request(namespace, run, run_jobs, job_pods, logger)
+
+
+def owning_run(body: Mapping[str, Any]) -> str | None:
+    """The name of the SelfAlignRun that controls this object (its ownerReference)."""
+    for ref in body.get("metadata", {}).get("ownerReferences") or ():
+        if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/") and ref.get("controller"):
+            return ref["name"]
+    return None
+
+
+def _facts(body: kopf.Body) -> dict[str, Any]:
+    """What observe.py reads of a Job or Pod; the rest of the body is not kept in memory."""
+    meta = body.metadata
+    return {"metadata": {"name": meta.name, "labels": dict(meta.labels),
+                         "annotations": dict(meta.annotations),
+                         "creationTimestamp": meta.get("creationTimestamp")},
+            "status": dict(body.get("status") or {})}
+
+
+class Reconciler:
+    """One operator process's reconciler: the API, the settings, and two pieces of memory that
+    only save requests: which runs are being reconciled (a burst of events becomes one more
+    pass, never two overlapping ones) and which Jobs were created but not seen yet."""
+
+    def __init__(self, kube: Kube, settings: OperatorSettings):
+        self.kube, self.settings = kube, settings
+        self._guard = threading.Lock()
+        self._again: dict[tuple[str, str], bool] = {}  # run being reconciled -> another pass wanted
+        self._expected: dict[tuple[str, str], float] = {}  # (namespace, Job) -> when it was created
+
+    def request(self, namespace: str, name: str, run_jobs: Mapping, job_pods: Mapping, logger: Any) -> None:
+        """Reconcile the run now, or, if a pass is under way in another thread, once more after it."""
+        key = (namespace, name)
+        with self._guard:
+            if key in self._again:
+                self._again[key] = True
+                return
+            self._again[key] = False
+        try:
+            while True:
+                self.reconcile(namespace, name, run_jobs, job_pods, logger)
+                with self._guard:
+                    if not self._again[key]:
+                        del self._again[key]
+                        return
+                    self._again[key] = False
+        except BaseException:
+            with self._guard:
+                self._again.pop(key, None)
+            raise
+
+    def reconcile(self, namespace: str, name: str, run_jobs: Mapping, job_pods: Mapping, logger: Any) -> None:
+        # 1. Load the run as stored now; nothing to do once it is gone or going.
+        run = self.kube.get_run(namespace, name)
+        if run is None or run["metadata"].get("deletionTimestamp"):
+            return
+        # 2. Parse the spec; the planner turns a SpecError into a Failed run (InvalidSpec).
+        try:
+            spec: RunSpec | SpecError = parse_spec(run.get("spec"))
+        except SpecError as exc:
+            spec = exc
+        # 3. Observe its Jobs and their Pods from the indices (no API request).
+        jobs = list(run_jobs.get((namespace, name), ()))
+        pods = {job["metadata"]["name"]: list(job_pods.get((namespace, job["metadata"]["name"]), ()))
+                for job in jobs}
+        observed = observe_jobs(jobs, pods)
+        # 4. Decide.
+        now = datetime.now(UTC)
+        result = plan(spec, run.get("status"), observed, now, namespace=namespace, name=name,
+                      generation=run["metadata"].get("generation", 1))
+        # 5. Write status once, before any child exists; a 409 means a newer run version is coming.
+        if result.status != (run.get("status") or {}) and not self.kube.write_status(run, result.status):
+            logger.info("status write conflicted; the run's next event reconciles it run=%s", name)
+            return
+        # 6. Make sure the Jobs the plan needs exist.
+        for job in result.jobs:
+            self._ensure(run, spec, job, seen={j["metadata"]["name"] for j in jobs}, now=now, logger=logger)
+        # 7. Tell the user what changed.
+        for event in result.events:
+            self.kube.post_event(run, event, now)
+
+    def _ensure(self, run: Mapping[str, Any], spec: RunSpec, job: EnsureJob, *, seen: set[str],
+                now: datetime, logger: Any) -> None:
+        namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
+        key = (namespace, job.name)
+        if job.name in seen:
+            self._forget(key)
+            return
+        if self._is_expected(key):
+            return
+        owner = owner_reference(run)
+        try:
+            self.kube.apply_config_map(build_config_map(spec, namespace=namespace, run_name=name, owner=owner))
+            for obj in build_stage_objects(spec, job, namespace=namespace, run_name=name, owner=owner,
+                                           settings=self.settings):
+                self.kube.create(obj)
+        except ApiException as exc:
+            if exc.status is None or exc.status >= 500:
+                raise
+            # The API refused the object (quota, admission, validation): say so on the run.
+            message = f"round {job.round} stage {job.stage}: creating Job {job.name} failed: {exc.reason}: {_body(exc)}"
+            logger.warning("job create refused job=%s status=%s", job.name, exc.status)
+            self.kube.post_event(run, Event("Warning", "CreateFailed", message), now)
+            return
+        with self._guard:
+            self._expected[key] = time.monotonic()
+
+    def _is_expected(self, key: tuple[str, str]) -> bool:
+        with self._guard:
+            created = self._expected.get(key)
+            if created is not None and time.monotonic() - created > EXPECTATION_TTL:
+                del self._expected[key]
+                created = None
+        return created is not None
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        with self._guard:
+            self._expected.pop(key, None)
+
+
+def _body(exc: ApiException) -> str:
+    return " ".join(str(exc.body or "").split())[:300]
+
+
+def operator_options(namespaces: list[str] | None, peering: str | None,
+                     clock: Callable[[], float] = time.time) -> dict[str, Any]:
+    """kopf.run's scope and peering arguments. Priority: the older the replica, the higher."""
+    scope: dict[str, Any] = {"namespaces": namespaces} if namespaces else {"clusterwide": True}
+    if peering is None:
+        return {**scope, "standalone": True}
+    return {**scope, "peering_name": peering, "priority": 10**13 - int(clock() * 1000)}
+
+
+def run_operator(namespaces: list[str] | None, peering: str | None) -> None:
+    """`selfalign operator`: in-cluster credentials in a Pod, else the local kubeconfig."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    kopf.configure(verbose=False)
+    kopf.run(**operator_options(namespaces, peering))

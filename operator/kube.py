@@ -1,0 +1,107 @@
+"""The one module that talks to the Kubernetes API (with the official `kubernetes` client).
+
+Every write is safe to repeat: creates treat 409 as done, and the status write carries the
+resourceVersion the plan was computed from, so a stale writer (a replica that lost its peering, a
+handler thread still running after its operator died) gets 409 instead of moving status backwards.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from datetime import datetime
+from typing import Any, Callable, Mapping
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from .naming import GROUP, KIND, PLURAL, VERSION
+from .planner import Event
+
+COMPONENT = "selfalign-operator"
+CONFLICT, NOT_FOUND = 409, 404
+
+
+class Kube:
+    """Writes read the raw response (`_preload_content=False`): the operator never uses what a
+    create returns, and building the client's model objects for every Job and Event is costly."""
+
+    def __init__(self, api: kubernetes.client.ApiClient):
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.batch = kubernetes.client.BatchV1Api(api)
+        self._create: dict[str, Callable[..., Any]] = {
+            "Job": self.batch.create_namespaced_job,
+            "Service": self.core.create_namespaced_service,
+            "ConfigMap": self.core.create_namespaced_config_map,
+        }
+
+    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The run as stored now; None once it is gone."""
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == NOT_FOUND:
+                return None
+            raise
+
+    def write_status(self, run: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+        """Replace the run's status through the status subresource, only if the run is still at the
+        resourceVersion that was read; False when it moved on (its next event reconciles again)."""
+        meta = run["metadata"]
+        patch = merge_patch(run.get("status") or {}, status)
+        body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch}
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body)
+        except ApiException as exc:
+            if exc.status in (CONFLICT, NOT_FOUND):
+                return False
+            raise
+        return True
+
+    def create(self, obj: Mapping[str, Any]) -> bool:
+        """Create a namespaced object; False when it exists already (an earlier pass made it)."""
+        try:
+            self._create[obj["kind"]](namespace=obj["metadata"]["namespace"], body=obj,
+                                      _preload_content=False).data
+        except ApiException as exc:
+            if exc.status == CONFLICT:
+                return False
+            raise
+        return True
+
+    def apply_config_map(self, config_map: Mapping[str, Any]) -> None:
+        """Create the ConfigMap, or bring its data to the current spec when it exists."""
+        if self.create(config_map):
+            return
+        meta = config_map["metadata"]
+        self.core.patch_namespaced_config_map(meta["name"], meta["namespace"], {"data": config_map.get("data", {})},
+                                              _preload_content=False).data
+
+    def post_event(self, run: Mapping[str, Any], event: Event, now: datetime) -> None:
+        """A core/v1 Event on the run, named as client-go names them (`<object>.<unix nanos hex>`)."""
+        meta = run["metadata"]
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "type": event.type, "reason": event.reason, "message": event.message[:1024],
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT, "reportingInstance": socket.gethostname(),
+        }
+        self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False).data
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: vanished keys become null."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(old.get(key), Mapping):
+            patch[key] = merge_patch(old[key], value)
+        else:
+            patch[key] = value
+    return patch

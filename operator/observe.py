@@ -1,0 +1,148 @@
+"""What a stage Job shows, as the planner's `JobObservation`: pure, so table tests pin it down.
+
+The Job's conditions decide its phase (Complete/SuccessCriteriaMet, Failed/FailureTarget), its
+`status.failed` the attempts. The stage's result is the termination message of its Pod: the
+JSON summary on success, `{"error": ...}` on failure, or, with `FallbackToLogsOnError`, the tail
+of the log, whose last line is the cause. A finished Job whose deciding Pod is visible but not yet
+terminated reads as Active: the Pod's own watch event follows and brings the message, and a result
+read too early would be lost for good (finished stage records never change).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Mapping
+
+from .naming import LABEL_ROUND, LABEL_STAGE
+from .planner import JobObservation
+from .spec import STAGES
+
+SUCCESS_CONDITIONS = ("Complete", "SuccessCriteriaMet")
+FAILURE_CONDITIONS = ("Failed", "FailureTarget")
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+_UNSETTLED = object()  # a finished Job whose Pods have not all reported their end yet
+_RUNNING_PHASES = ("Pending", "Running", None)
+
+
+def observe_jobs(jobs: Iterable[Mapping[str, Any]],
+                 pods: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, JobObservation]:
+    """Every stage Job of one run (with its Pods by Job name), keyed by Job name."""
+    observed = {}
+    for job in jobs:
+        name = job["metadata"]["name"]
+        seen = observe_job(job, list(pods.get(name, ())))
+        if seen is not None:
+            observed[name] = seen
+    return observed
+
+
+def observe_job(job: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> JobObservation | None:
+    """None for a Job that does not carry a valid round and stage label (not one of ours)."""
+    meta = job.get("metadata", {})
+    labels = meta.get("labels") or {}
+    try:
+        round_, stage = int(labels[LABEL_ROUND]), labels[LABEL_STAGE]
+    except (KeyError, ValueError):
+        return None
+    if stage not in STAGES:
+        return None
+    status = job.get("status") or {}
+    true = {c["type"]: c for c in status.get("conditions") or () if c.get("status") == "True"}
+    common = dict(name=meta["name"], round=round_, stage=stage,
+                  failures=int(status.get("failed") or 0), start_time=status.get("startTime"))
+
+    if any(t in true for t in SUCCESS_CONDITIONS):
+        pod = _deciding_pod(pods, "Succeeded")
+        if pod is _UNSETTLED:
+            return JobObservation(phase="Active", **common)
+        message = _termination_message(pod)
+        finished = status.get("completionTime") or _condition_time(true, SUCCESS_CONDITIONS)
+        return JobObservation(phase="Succeeded", result=_summary(message), completion_time=finished, **common)
+
+    if any(t in true for t in FAILURE_CONDITIONS):
+        pod = _deciding_pod(pods, "Failed")
+        if pod is _UNSETTLED:
+            return JobObservation(phase="Active", **common)
+        condition = next(true[t] for t in FAILURE_CONDITIONS if t in true)
+        message = _termination_message(pod)
+        cause = _cause(message) or _condition_cause(condition)
+        result = _summary(message)
+        return JobObservation(phase="Failed", message=cause, result=result if result else None,
+                              completion_time=_condition_time(true, FAILURE_CONDITIONS), **common)
+
+    return JobObservation(phase="Active", **common)
+
+
+def _deciding_pod(pods: list[Mapping[str, Any]], phase: str) -> Mapping[str, Any] | None | object:
+    """The newest Pod that ended in `phase` (rank 0's for an Indexed Job), None when there is none
+    (the Pods are gone, or none ended that way), _UNSETTLED while any Pod has not terminated."""
+    if any(_pod_phase(p) in _RUNNING_PHASES for p in pods):
+        return _UNSETTLED
+    ended = [p for p in pods if _pod_phase(p) == phase]
+    rank0 = [p for p in ended if _completion_index(p) in (None, "0")]
+    return max(rank0 or ended, key=_created, default=None)
+
+
+def _created(pod: Mapping[str, Any]) -> str:
+    meta = pod.get("metadata", {})
+    return f"{meta.get('creationTimestamp') or ''}/{meta.get('name') or ''}"
+
+
+def _completion_index(pod: Mapping[str, Any]) -> str | None:
+    meta = pod.get("metadata", {})
+    return (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(COMPLETION_INDEX)
+
+
+def _pod_phase(pod: Mapping[str, Any]) -> str | None:
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return status["phase"]
+    terminated = [s["state"]["terminated"] for s in status.get("containerStatuses") or ()
+                  if (s.get("state") or {}).get("terminated")]
+    if terminated:
+        return "Succeeded" if all(t.get("exitCode") == 0 for t in terminated) else "Failed"
+    return status.get("phase")
+
+
+def _termination_message(pod: Mapping[str, Any] | None) -> str | None:
+    """The first container's termination message that is not empty."""
+    if pod is None:
+        return None
+    for state in (pod.get("status") or {}).get("containerStatuses") or ():
+        message = ((state.get("state") or {}).get("terminated") or {}).get("message")
+        if message and message.strip():
+            return message.strip()
+    return None
+
+
+def _summary(message: str | None) -> dict[str, Any] | None:
+    """The JSON object a stage wrote; None for plain log text or nothing at all."""
+    if not message:
+        return None
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _cause(message: str | None) -> str | None:
+    """A failed stage's one-line cause: `error` of its JSON result, else the log's last line."""
+    if not message:
+        return None
+    summary = _summary(message)
+    if summary is not None:
+        return str(summary["error"]) if summary.get("error") else message
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def _condition_cause(condition: Mapping[str, Any]) -> str:
+    reason, message = condition.get("reason"), condition.get("message")
+    return ": ".join(part for part in (reason, message) if part) or "the Job failed"
+
+
+def _condition_time(true: Mapping[str, Mapping[str, Any]], types: tuple[str, ...]) -> str | None:
+    for type_ in types:
+        if type_ in true and true[type_].get("lastTransitionTime"):
+            return true[type_]["lastTransitionTime"]
+    return None

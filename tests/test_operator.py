@@ -1,0 +1,194 @@
+"""The kopf operator end to end: kmock emulator + test kubelet + the real handlers (issue 2, item 8).
+
+The stage command is the fake stage (tests/fake_stage.py) behind the test image; the kubelet runs
+it as a subprocess with the Job's env and volumes, so the Job manifests, the ConfigMap, the
+termination messages and the Job conditions are the real ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfalign.operator.handlers import operator_options
+from selfalign.operator.naming import job_name
+from selfalign.operator.spec import STAGES, deep_merge
+from tests.fixtures.kube import NS, KillSwitch, wait_for
+
+CRD = Path(__file__).resolve().parents[1] / "crds" / "selfalignrun.yaml"
+FAKE = {"synthesize": lambda r: {"generated": 12 + r, "instructions": 10 + r},
+        "assess": lambda r: {"scored": 10 + r, "kept": 7 + r},
+        "train": lambda r: {"loss": round(1.5 / (r + 1), 3), "steps": 4},
+        "merge": lambda r: {"maxLogitDiff": 0.0001},
+        "coverage": lambda r: {"coverage": round(0.42 + 0.1 * r, 2), "gaps": 3}}
+
+
+def run_spec(rounds: int = 2, **overrides) -> dict:
+    base = {"recipe": "isheep", "rounds": rounds, "model": {"base": "builtin://tiny-llama"},
+            "seeds": "file:///data/seeds.jsonl", "storage": {"uri": "file:///data/runs"},
+            "coverage": {"reference": "file:///data/reference.jsonl"}, "backoffLimit": 1}
+    return deep_merge(base, overrides)
+
+
+def expected_jobs(run: str, rounds: int) -> list[str]:
+    return [job_name(run, k, stage) for k in range(rounds) for stage in STAGES]
+
+
+def condition(status: dict, type_: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def printer_columns(run: dict) -> dict:
+    """`kubectl get sar` as the CRD defines it: each column's jsonPath evaluated on the run."""
+    crd = yaml.safe_load(CRD.read_text())
+    columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    shown = {}
+    for column in columns:
+        value = run
+        for part in column["jsonPath"].lstrip(".").split("."):
+            value = (value or {}).get(part)
+        shown[column["name"]] = value
+    return shown
+
+
+async def test_two_round_run_succeeds_with_ten_jobs_in_order(cluster):
+    await cluster.create_run("two", run_spec(rounds=2))
+    status = await cluster.wait_phase("two", "Succeeded", "Failed")
+
+    expected = expected_jobs("two", 2)
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert cluster.kubelet.started == expected  # each Job started after the previous one finished
+    assert cluster.job_posts() == expected  # one POST per Job, in campaign order
+    assert status["observedGeneration"] == 1
+    for type_, value in {"Ready": "True", "Succeeded": "True", "Progressing": "False", "Failed": "False",
+                         "Suspended": "False"}.items():
+        assert condition(status, type_)["status"] == value, type_
+        assert condition(status, type_)["observedGeneration"] == 1
+    assert condition(status, "Succeeded")["reason"] == "RunSucceeded"
+    for entry in status["rounds"]:
+        k = entry["round"]
+        for stage in STAGES:
+            record = entry["stages"][stage]
+            assert (record["phase"], record["attempts"], record["job"]) == ("Succeeded", 1, job_name("two", k, stage))
+            assert record["metrics"] == FAKE[stage](k)
+    assert printer_columns(cluster.run("two")) | {"Age": None} == {
+        "Phase": "Succeeded", "Round": 1, "Stage": "coverage", "Kept": 8, "Coverage": 52.0, "Age": None,
+        "Recipe": "isheep", "Message": status["message"]}
+    assert cluster.run("two")["metadata"]["creationTimestamp"]
+
+    # Events follow the status write; the run's phase Event is the last of its pass.
+    await wait_for(lambda: "RunSucceeded" in [e["reason"] for e in cluster.events("two")], what="RunSucceeded")
+    reasons = [e["reason"] for e in cluster.events("two")]
+    assert reasons.count("StageStarted") == 10 and reasons.count("StageSucceeded") == 10
+    assert all(e["involvedObject"]["uid"] == cluster.run("two")["metadata"]["uid"] for e in cluster.events("two"))
+    # The ConfigMap carries the resolved spec, owned by the run.
+    config_map = cluster.emulator.get_object("v1/configmaps", NS, "two-spec")
+    assert config_map["metadata"]["ownerReferences"][0]["name"] == "two"
+
+
+@pytest.mark.parametrize("exit_code, attempts", [(1, 2), (2, 1)], ids=["retried", "bad-input-fails-at-once"])
+async def test_failing_stage_fails_the_run_after_retries(cluster, exit_code, attempts):
+    cluster.kubelet.env.update(FAKE_FAIL="assess", FAKE_FAIL_CODE=str(exit_code))
+    await cluster.create_run("bad", run_spec(rounds=2, backoffLimit=1))
+    status = await cluster.wait_phase("bad", "Failed", "Succeeded")
+
+    assert status["phase"] == "Failed"
+    message = status["message"]
+    assert "round 0" in message and "stage assess" in message
+    assert "assess round 0: fake failure for the test" in message  # the stage's termination message
+    assert condition(status, "Failed")["status"] == "True"
+    assert condition(status, "Failed")["reason"] == "StageFailed"
+    assert status["rounds"][0]["stages"]["assess"]["attempts"] == attempts
+    assessed = [p for p in cluster.kubelet.logs if p.startswith(job_name("bad", 0, "assess"))]
+    assert len(assessed) == attempts  # backoffLimit 1: one retry; exit code 2: podFailurePolicy FailJob
+    assert [j["metadata"]["name"] for j in cluster.jobs("bad")] == expected_jobs("bad", 1)[:2]  # nothing after it
+    await wait_for(lambda: "RunFailed" in [e["reason"] for e in cluster.events("bad")], what="RunFailed")
+    warnings = [e for e in cluster.events("bad") if e["type"] == "Warning"]
+    assert {e["reason"] for e in warnings} == {"StageFailed", "RunFailed"}
+
+
+async def test_suspend_starts_nothing_new_and_resume_finishes(cluster):
+    cluster.kubelet.held.add("train")
+    await cluster.create_run("sus", run_spec(rounds=1))
+    train = job_name("sus", 0, "train")
+    await wait_for(lambda: train in cluster.kubelet.waiting, what="train pod waiting")
+
+    await cluster.patch_spec("sus", {"suspend": True})
+    status = await cluster.wait_phase("sus", "Suspended")
+    assert "still running" in status["message"]
+    cluster.kubelet.held.clear()  # the running stage finishes while suspended...
+    await wait_for(lambda: cluster.status("sus")["rounds"][0]["stages"]["train"]["phase"] == "Succeeded",
+                   what="train recorded")
+    status = cluster.status("sus")
+    assert status["phase"] == "Suspended" and status["stage"] == "merge"
+    assert status["observedGeneration"] == 2
+    assert condition(status, "Suspended")["status"] == "True"
+    assert condition(status, "Progressing")["status"] == "False"
+    assert "merge" not in status["rounds"][0]["stages"]  # ...and nothing new starts
+    assert job_name("sus", 0, "merge") not in [j["metadata"]["name"] for j in cluster.jobs("sus")]
+
+    await cluster.patch_spec("sus", {"suspend": False})
+    status = await cluster.wait_phase("sus", "Succeeded")
+    assert cluster.job_posts() == expected_jobs("sus", 1)
+    assert condition(status, "Suspended")["status"] == "False"
+
+
+async def test_operator_killed_at_random_points_finishes_without_regression(cluster):
+    switch = KillSwitch(cluster.operator, random.Random(20260607), kills=20, max_writes=3)
+    cluster.emulator.after_write = switch.after_write
+    restarts = asyncio.create_task(switch.serve())
+    try:
+        await cluster.create_run("kill", run_spec(rounds=2))
+        status = await cluster.wait_phase("kill", "Succeeded", "Failed", timeout=150)
+    finally:
+        restarts.cancel()
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert switch.kills == 20
+
+    # Exactly one Job per (round, stage), each with exactly one successful Pod.
+    assert sorted(j["metadata"]["name"] for j in cluster.jobs("kill")) == sorted(expected_jobs("kill", 2))
+    pods = cluster.emulator.list_objects("v1/pods")
+    for name in expected_jobs("kill", 2):
+        succeeded = [p for p in pods if p["metadata"]["labels"]["batch.kubernetes.io/job-name"] == name
+                     and p["status"]["phase"] == "Succeeded"]
+        assert len(succeeded) == 1, name
+
+    # No status regression across every version the run ever had.
+    position, finished = (-1, -1), {}
+    for version in cluster.history("kill"):
+        status = version.get("status") or {}
+        if "round" not in status:
+            continue
+        now = (status["round"], STAGES.index(status["stage"]))
+        assert now >= position, f"status moved back from {position} to {now}"
+        position = now
+        for entry in status.get("rounds", []):
+            for stage, record in entry["stages"].items():
+                key = (entry["round"], stage)
+                if key in finished:
+                    assert record == finished[key], f"finished record {key} changed"
+                elif record["phase"] in ("Succeeded", "Failed"):
+                    finished[key] = record
+    assert len(finished) == 10
+
+
+async def test_fifty_concurrent_runs_all_complete(cluster):
+    cluster.kubelet.use_fast_stage()
+    names = [f"many-{i:02d}" for i in range(50)]
+    await asyncio.gather(*(cluster.create_run(name, run_spec(rounds=1)) for name in names))
+    for name in names:
+        status = await cluster.wait_phase(name, "Succeeded", "Failed", timeout=150)
+        assert status["phase"] == "Succeeded", (name, status.get("message"))
+    assert sorted(cluster.job_posts()) == sorted(j for name in names for j in expected_jobs(name, 1))
+
+
+def test_operator_options_scope_and_peering():
+    assert operator_options(None, None) == {"clusterwide": True, "standalone": True}
+    assert operator_options(["a", "b"], None) == {"namespaces": ["a", "b"], "standalone": True}
+    older = operator_options(None, "selfalign", clock=lambda: 1000.0)
+    newer = operator_options(None, "selfalign", clock=lambda: 1000.5)
+    assert older["peering_name"] == newer["peering_name"] == "selfalign"
+    assert older["priority"] > newer["priority"] > 0  # the oldest replica is the active one
