@@ -81,7 +81,8 @@ def _coverage(args: argparse.Namespace) -> int:
 def _operator(args: argparse.Namespace) -> int:
     from .handlers import run_operator
 
-    run_operator(namespaces=args.namespace or None, peering=args.peering)
+    run_operator(namespaces=args.namespace or None, peering=args.peering, liveness=args.liveness,
+                 metrics_port=args.metrics_port)
     return 0
 
 
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("operator", help="run the Kubernetes operator (in its Deployment)")
     p.add_argument("--namespace", action="append", help="watch only these namespaces (repeatable)")
     p.add_argument("--peering", help="kopf peering name; replicas sharing it elect one active operator")
+    p.add_argument("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("SELFALIGN_METRICS_PORT", "8080")),
+                   help="Prometheus /metrics port (0 disables)")
     p.set_defaults(func=_operator)
     return parser
 

@@ -28,6 +28,7 @@ import kopf
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from . import metrics
 from .jobs import build_config_map, build_stage_objects, owner_reference
 from .kube import Kube
 from .naming import GROUP, KIND, LABEL_JOB, LABEL_RUN, PLURAL, VERSION
@@ -66,10 +67,16 @@ async def job_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: An
     return {(namespace, labels[LABEL_JOB]): _facts(body)}
 
 
+@kopf.index(GROUP, VERSION, PLURAL)
+async def runs_by_phase(namespace: str, name: str, status: kopf.Status, **_: Any) -> dict:
+    return {status.get("phase") or metrics.PENDING: (namespace, name)}
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def run_changed(namespace: str, name: str, memo: kopf.Memo, run_jobs: kopf.Index, job_pods: kopf.Index,
-                logger: kopf.Logger, **_: Any) -> None:
+                runs_by_phase: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
     memo.reconciler.request(namespace, name, run_jobs, job_pods, logger)
+    metrics.set_runs_by_phase({phase: len(runs_by_phase.get(phase, ())) for phase in metrics.PHASES})
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
@@ -132,6 +139,7 @@ class Reconciler:
                         return
                     self._again[key] = False
         except BaseException:
+            metrics.record_reconcile_error()
             with self._guard:
                 self._again.pop(key, None)
             raise
@@ -143,7 +151,7 @@ class Reconciler:
             return
         # 2. Parse the spec; the planner turns a SpecError into a Failed run (InvalidSpec).
         try:
-            spec: RunSpec | SpecError = parse_spec(run.get("spec"))
+            spec: RunSpec | SpecError = parse_spec(self.settings.with_defaults(run.get("spec")))
         except SpecError as exc:
             spec = exc
         # 3. Observe its Jobs and their Pods from the indices (no API request).
@@ -156,31 +164,37 @@ class Reconciler:
         result = plan(spec, run.get("status"), observed, now, namespace=namespace, name=name,
                       generation=run["metadata"].get("generation", 1))
         # 5. Write status once, before any child exists; a 409 means a newer run version is coming.
-        if result.status != (run.get("status") or {}) and not self.kube.write_status(run, result.status):
-            logger.info("status write conflicted; the run's next event reconciles it run=%s", name)
-            return
+        if result.status != (run.get("status") or {}):
+            if not self.kube.write_status(run, result.status):
+                logger.info("status write conflicted; the run's next event reconciles it run=%s", name)
+                return
+            metrics.record_status_change(run.get("status"), result.status)
         # 6. Make sure the Jobs the plan needs exist.
         for job in result.jobs:
-            self._ensure(run, spec, job, seen={j["metadata"]["name"] for j in jobs}, now=now, logger=logger)
+            if self._ensure(run, spec, job, seen={j["metadata"]["name"] for j in jobs}, now=now, logger=logger):
+                metrics.observe_job_created(result.status, datetime.now(UTC))
         # 7. Tell the user what changed.
         for event in result.events:
             self.kube.post_event(run, event, now)
 
     def _ensure(self, run: Mapping[str, Any], spec: RunSpec, job: EnsureJob, *, seen: set[str],
-                now: datetime, logger: Any) -> None:
+                now: datetime, logger: Any) -> bool:
+        """Create the Job unless it is seen or was just created; True when this call created it."""
         namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
         key = (namespace, job.name)
         if job.name in seen:
             self._forget(key)
-            return
+            return False
         if self._is_expected(key):
-            return
+            return False
         owner = owner_reference(run)
+        created = False
         try:
             self.kube.apply_config_map(build_config_map(spec, namespace=namespace, run_name=name, owner=owner))
             for obj in build_stage_objects(spec, job, namespace=namespace, run_name=name, owner=owner,
                                            settings=self.settings):
-                self.kube.create(obj)
+                if self.kube.create(obj) and obj["kind"] == "Job":
+                    created = True
         except ApiException as exc:
             if exc.status is None or exc.status >= 500:
                 raise
@@ -188,9 +202,10 @@ class Reconciler:
             message = f"round {job.round} stage {job.stage}: creating Job {job.name} failed: {exc.reason}: {_body(exc)}"
             logger.warning("job create refused job=%s status=%s", job.name, exc.status)
             self.kube.post_event(run, Event("Warning", "CreateFailed", message), now)
-            return
+            return False
         with self._guard:
             self._expected[key] = time.monotonic()
+        return created
 
     def _is_expected(self, key: tuple[str, str]) -> bool:
         with self._guard:
@@ -218,11 +233,15 @@ def operator_options(namespaces: list[str] | None, peering: str | None,
     return {**scope, "peering_name": peering, "priority": 10**13 - int(clock() * 1000)}
 
 
-def run_operator(namespaces: list[str] | None, peering: str | None) -> None:
-    """`selfalign operator`: in-cluster credentials in a Pod, else the local kubeconfig."""
+def run_operator(namespaces: list[str] | None, peering: str | None, liveness: str | None = None,
+                 metrics_port: int | None = None) -> None:
+    """`selfalign operator`: in-cluster credentials in a Pod, else the local kubeconfig; Prometheus
+    metrics on `metrics_port`, kopf's liveness probe at `liveness` (e.g. http://0.0.0.0:8081/healthz)."""
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
+    if metrics_port:
+        metrics.serve_metrics(metrics_port)
     kopf.configure(verbose=False)
-    kopf.run(**operator_options(namespaces, peering))
+    kopf.run(**operator_options(namespaces, peering), liveness_endpoint=liveness)

@@ -107,7 +107,7 @@ def render_round(manifest: dict, round_: int, settings: OperatorSettings) -> lis
     if not metadata.get("name"):
         raise SpecError(["metadata.name: required"])
     name, namespace = metadata["name"], metadata.get("namespace") or "default"
-    spec = parse_spec(manifest.get("spec"))
+    spec = parse_spec(settings.with_defaults(manifest.get("spec")))
     if not 0 <= round_ < spec.rounds:
         raise SpecError([f"round {round_}: spec.rounds is {spec.rounds}, "
                          f"so rounds are 0..{spec.rounds - 1}"])

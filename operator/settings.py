@@ -1,16 +1,17 @@
-"""Operator-wide settings: the stage images and how long finished Jobs stay.
+"""Operator-wide settings: the stage images, default stage resources, how long finished Jobs stay.
 
 They come from the operator Deployment's environment (the Helm chart sets them), so a platform
-team pins or mirrors images without touching any run. A run may still override one stage's image
-in `spec.resources.<stage>.image`.
+team pins or mirrors images and sizes stage pods for its nodes without touching any run. A run
+still overrides any of it per field in `spec.resources.<stage>`.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Mapping
+from typing import Any, Mapping
 
-from .spec import STAGES
+from .spec import STAGES, deep_merge
 
 REGISTRY = "ghcr.io/selfalign"
 # Stages that share dependencies share an image: vLLM for synthesize/assess, PEFT+DeepSpeed for
@@ -19,6 +20,7 @@ STAGE_IMAGE = {"synthesize": "stage-vllm", "assess": "stage-vllm", "train": "sta
                "merge": "stage-train", "coverage": "stage-coverage"}
 IMAGE_ENV = "SELFALIGN_IMAGE_{stage}"
 TTL_ENV = "SELFALIGN_JOB_TTL_SECONDS"
+RESOURCES_ENV = "SELFALIGN_STAGE_RESOURCES"  # JSON {stage: {gpus, cpu, memory, ...}} (camelCase)
 
 
 def default_images() -> dict[str, str]:
@@ -32,6 +34,11 @@ class OperatorSettings:
     images: Mapping[str, str] = field(default_factory=default_images)
     # Status keeps every finished stage's result, so a finished Job is only needed for debugging.
     job_ttl_seconds: int = 7 * 86400
+    stage_resources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def with_defaults(self, raw_spec: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The run's spec as written, over the operator's default `resources` (the run wins)."""
+        return deep_merge({"resources": dict(self.stage_resources)}, dict(raw_spec or {}))
 
     def __post_init__(self) -> None:
         missing = [stage for stage in STAGES if not self.images.get(stage)]
@@ -48,12 +55,27 @@ class OperatorSettings:
             override = environ.get(IMAGE_ENV.format(stage=stage.upper()), "").strip()
             if override:
                 images[stage] = override
+        resources = _stage_resources(environ.get(RESOURCES_ENV, "").strip())
         raw_ttl = environ.get(TTL_ENV, "").strip()
         if not raw_ttl:
-            return cls(images=images)
+            return cls(images=images, stage_resources=resources)
         try:
             ttl = int(raw_ttl)
         except ValueError:
             raise ValueError(f"{TTL_ENV}: expected a whole number of seconds, "
                              f"got {raw_ttl!r}") from None
-        return cls(images=images, job_ttl_seconds=ttl)
+        return cls(images=images, job_ttl_seconds=ttl, stage_resources=resources)
+
+
+def _stage_resources(raw: str) -> dict[str, dict[str, Any]]:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{RESOURCES_ENV}: invalid JSON: {exc}") from None
+    if not isinstance(value, dict) or not set(value) <= set(STAGES) or \
+            not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError(f"{RESOURCES_ENV}: expected {{stage: {{gpus, cpu, memory, ...}}}} "
+                         f"with stages among {', '.join(STAGES)}")
+    return value

@@ -455,10 +455,24 @@ def test_settings_from_env_overrides_images_and_ttl():
 @pytest.mark.parametrize(("environ", "message"), [
     ({"SELFALIGN_JOB_TTL_SECONDS": "a week"}, "SELFALIGN_JOB_TTL_SECONDS: expected a whole number"),
     ({"SELFALIGN_JOB_TTL_SECONDS": "-1"}, "SELFALIGN_JOB_TTL_SECONDS: must be >= 0"),
+    ({"SELFALIGN_STAGE_RESOURCES": "{gpus: 1}"}, "SELFALIGN_STAGE_RESOURCES: invalid JSON"),
+    ({"SELFALIGN_STAGE_RESOURCES": '{"trian": {"gpus": 1}}'}, "SELFALIGN_STAGE_RESOURCES: expected"),
 ])
 def test_settings_from_env_rejects_bad_values_naming_the_variable(environ, message):
     with pytest.raises(ValueError, match=message):
         OperatorSettings.from_env(environ)
+
+
+def test_operator_default_stage_resources_apply_unless_the_run_sets_them():
+    defaults = '{"train": {"gpus": 8, "memory": "96Gi"}, "synthesize": {"gpus": 1}}'
+    settings = OperatorSettings.from_env({"SELFALIGN_STAGE_RESOURCES": defaults})
+    manifest = {"apiVersion": "selfalign.dev/v1alpha1", "kind": "SelfAlignRun", "metadata": {"name": "r"},
+                "spec": {**BASE_SPEC, "resources": {"train": {"gpus": 2}}}}
+    objects = {o["metadata"]["name"]: o for o in jobs.render_round(manifest, 0, settings) if o["kind"] == "Job"}
+    train = objects["r-r0-train"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    synth = objects["r-r0-synth"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert train["limits"]["nvidia.com/gpu"] == 2 and train["limits"]["memory"] == "96Gi"
+    assert synth["limits"]["nvidia.com/gpu"] == 1
 
 
 def test_settings_need_an_image_for_every_stage():

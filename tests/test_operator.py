@@ -54,7 +54,16 @@ def printer_columns(run: dict) -> dict:
     return shown
 
 
+def metric(name: str, **labels) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 async def test_two_round_run_succeeds_with_ten_jobs_in_order(cluster):
+    succeeded_before = metric("selfalign_run_transitions_total", from_phase="Running", to_phase="Succeeded")
+    gaps_before = metric("selfalign_job_gap_seconds_count")
+    trains_before = metric("selfalign_stage_duration_seconds_count", stage="train")
     await cluster.create_run("two", run_spec(rounds=2))
     status = await cluster.wait_phase("two", "Succeeded", "Failed")
 
@@ -78,6 +87,11 @@ async def test_two_round_run_succeeds_with_ten_jobs_in_order(cluster):
         "Phase": "Succeeded", "Round": 1, "Stage": "coverage", "Kept": 8, "Coverage": 52.0, "Age": None,
         "Recipe": "isheep", "Message": status["message"]}
     assert cluster.run("two")["metadata"]["creationTimestamp"]
+    # The operator's Prometheus metrics saw the same run: one transition to Succeeded, a gap for
+    # each Job created after another finished, and both train stages timed.
+    assert metric("selfalign_run_transitions_total", from_phase="Running", to_phase="Succeeded") == succeeded_before + 1
+    assert metric("selfalign_job_gap_seconds_count") == gaps_before + 9
+    assert metric("selfalign_stage_duration_seconds_count", stage="train") == trains_before + 2
 
     # Events follow the status write; the run's phase Event is the last of its pass.
     await wait_for(lambda: "RunSucceeded" in [e["reason"] for e in cluster.events("two")], what="RunSucceeded")
