@@ -1,5 +1,6 @@
 """The `selfalign` console script as a user runs it: real subprocesses, real files."""
 import json
+import os
 import subprocess
 import sys
 
@@ -63,3 +64,25 @@ def test_render_prints_every_object_of_the_round(tmp_path):
     assert kinds.count("Job") == 5 and kinds.count("ConfigMap") == 1
     out_of_range = selfalign("render", str(example), "--round", "99")
     assert out_of_range.returncode == 1 and "round 99" in out_of_range.stderr
+
+
+def test_coverage_writes_report_gaps_and_map_for_any_instruction_set(tmp_path):
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "reference" / "t0-passages.jsonl"
+    rows = [json.loads(line) for line in shared.read_text().splitlines()]
+    reference = [r for r in rows if r["domain"] == "imdb"][:6] + [r for r in rows if r["domain"] == "sciq"][:6]
+    write_jsonl(tmp_path / "reference.jsonl", reference)
+    write_jsonl(tmp_path / "sft.jsonl", [{"instruction": f"Summarise this review: {r['text'][:200]}", "output": "ok"}
+                                         for r in reference if r["domain"] == "imdb"])
+    result = subprocess.run([*SELFALIGN, "coverage", "--reference", str(tmp_path / "reference.jsonl"),
+                             "--instructions", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "out"),
+                             "--gaps", "3"], capture_output=True, text=True, check=False,
+                            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert 0 < summary["coverage"] < 1
+    gaps = [json.loads(line) for line in (tmp_path / "out" / "gaps.jsonl").read_text().splitlines()]
+    assert len(gaps) == 3 and {g["domain"] for g in gaps} == {"sciq"}
+    assert (tmp_path / "out" / "coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "coverage" in json.loads((tmp_path / "out" / "report.json").read_text())
