@@ -24,6 +24,18 @@ def _run(args: argparse.Namespace) -> int:
     return run_local(run, args.scratch)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from .report import status_command
+
+    return status_command(args.run, _uri(args.storage))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import report_command
+
+    return report_command(args.run, args.out, _uri(args.storage))
+
+
 def _validate(args: argparse.Namespace) -> int:
     from .validate import validate_files
 
@@ -103,6 +115,8 @@ def _uri(path_or_uri: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .local import DEFAULT_STORAGE
+
     parser = argparse.ArgumentParser(prog="selfalign", description="Iterative LLM self-alignment campaigns.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -112,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scratch", type=Path, default=Path(os.environ.get("SELFALIGN_SCRATCH",
                    Path.home() / ".cache" / "selfalign")), help="local directory for model files")
     p.set_defaults(func=_run)
+
+    p = commands.add_parser("status", help="where the local runs stand, or one run stage by stage")
+    p.add_argument("run", nargs="?", help="a run name under STORAGE/local, a run folder, or a run URI")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root, a directory or URI (default: %(default)s)")
+    p.set_defaults(func=_status)
+
+    p = commands.add_parser("report", help="a static HTML report of a run, readable offline")
+    p.add_argument("run", help="a run name under STORAGE/local, a run folder, or a run URI")
+    p.add_argument("--out", required=True, type=Path, help="directory for index.html")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root, a directory or URI (default: %(default)s)")
+    p.set_defaults(func=_report)
 
     p = commands.add_parser("validate", help="check SelfAlignRun manifests offline (CRD schema + typed spec)")
     p.add_argument("files", nargs="+", type=Path)

@@ -25,6 +25,7 @@ from .planner import EnsureJob, JobObservation, plan
 from .spec import RunSpec, dump_spec, parse_spec
 
 LOCAL_NAMESPACE = "local"
+DEFAULT_STORAGE = "file:///tmp/selfalign-runs"  # examples/tiny.yaml's storage.uri
 EXIT_BAD_INPUT = 2  # the stage's "retrying cannot help" exit code (stages/__main__.py)
 
 
@@ -60,6 +61,7 @@ def run_local(run: LocalRun, scratch: Path, echo: Callable[[str], None] = print)
     scratch.mkdir(parents=True, exist_ok=True)
     spec_file = scratch / f"{run.name}-spec.json"
     spec_file.write_text(json.dumps(dump_spec(run.spec)))
+    storage.write_json(f"{run.uri}/spec.json", dump_spec(run.spec))  # for status and report
     started = time.monotonic()
     while True:
         result = plan(run.spec, status, observed, datetime.now(timezone.utc),
@@ -69,16 +71,18 @@ def run_local(run: LocalRun, scratch: Path, echo: Callable[[str], None] = print)
         status = result.status
         for event in result.events:
             echo(f"[{_elapsed(started)}] {event.reason}: {event.message}")
-        pending = [job for job in result.jobs if job.name not in observed or observed[job.name].phase == "Active"]
-        if not pending:
+        job = next((j for j in result.jobs if j.name not in observed or observed[j.name].phase == "Active"), None)
+        if job is None:
             return 0 if status["phase"] == "Succeeded" else 1
-        for job in pending:
-            try:
-                observed[job.name] = _run_stage(run, job, spec_file, scratch, echo, started)
-            except KeyboardInterrupt:
-                echo(f"stopped during round {job.round} stage {job.stage}; "
-                     "run the same command again to resume")
-                return 130
+        if job.name not in observed:
+            # Record the stage as running (and when it started) before it runs, as a Job would show.
+            observed[job.name] = JobObservation(job.name, job.round, job.stage, "Active", start_time=_now())
+            continue
+        try:
+            observed[job.name] = _run_stage(run, job, spec_file, scratch, echo, started)
+        except KeyboardInterrupt:
+            echo(f"stopped during round {job.round} stage {job.stage}; run the same command again to resume")
+            return 130
 
 
 def _run_stage(run: LocalRun, job: EnsureJob, spec_file: Path, scratch: Path,
@@ -88,23 +92,31 @@ def _run_stage(run: LocalRun, job: EnsureJob, spec_file: Path, scratch: Path,
                "--round", str(job.round), "--run-uri", job.run_uri, "--scratch", str(scratch)]
     if job.model:
         command += ["--model", job.model]
-    failures = 0
+    failures, start_time = 0, _now()
     while True:
         with tempfile.TemporaryDirectory() as tmp:
             result_path = Path(tmp) / "result.json"
-            env = {**os.environ, "SELFALIGN_RESULT_PATH": str(result_path)}
+            # A private torch.compile cache: concurrent processes sharing /tmp/torchinductor_<user>
+            # have been seen to compile each other's half-written kernels.
+            env = {"TORCHINDUCTOR_CACHE_DIR": str(scratch / "torchinductor"), **os.environ,
+                   "SELFALIGN_RESULT_PATH": str(result_path)}
             echo(f"[{_elapsed(started)}] round {job.round} {job.stage}: running (attempt {failures + 1})")
             code = subprocess.run(command, env=env, check=False).returncode
             result = _read_result(result_path)
         if code == 0:
             echo(f"[{_elapsed(started)}] round {job.round} {job.stage}: done {_brief(result)}")
-            return JobObservation(job.name, job.round, job.stage, "Succeeded", failures=failures, result=result)
+            return JobObservation(job.name, job.round, job.stage, "Succeeded", failures=failures, result=result,
+                                  start_time=start_time, completion_time=_now())
         failures += 1
         message = result.get("error") or f"exit code {code}"
         echo(f"[{_elapsed(started)}] round {job.round} {job.stage}: failed: {message}")
         if code == EXIT_BAD_INPUT or failures > run.spec.backoff_limit:
-            return JobObservation(job.name, job.round, job.stage, "Failed", failures=failures,
-                                  result=result, message=message)
+            return JobObservation(job.name, job.round, job.stage, "Failed", failures=failures, result=result,
+                                  message=message, start_time=start_time, completion_time=_now())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _read_result(path: Path) -> dict[str, Any]:

