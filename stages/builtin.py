@@ -27,12 +27,15 @@ def data_path(name: str) -> Path:
 
 
 def materialize(name: str, scratch: str | Path) -> Path:
-    """The local folder of the built-in model `name`, building it into `scratch` when needed."""
+    """The local folder of the built-in model `name` (built into `scratch` when needed), or the
+    packaged file of the built-in data `name`."""
     if name == "all-minilm-l6-v2":
         return _packaged_minilm()
     if name == "tiny-llama":
         return _tiny_llama(Path(scratch) / "builtin" / "tiny-llama")
-    raise StorageError(f"unknown builtin model {name!r}; known: {', '.join(KNOWN)}")
+    if name in DATA_FILES:
+        return data_path(name)
+    raise StorageError(f"unknown builtin {name!r}; known: {', '.join(KNOWN + tuple(DATA_FILES))}")
 
 
 def _packaged_minilm() -> Path:
