@@ -423,18 +423,23 @@ def _parse(stamp: str | None) -> datetime | None:
 # --- the commands ---------------------------------------------------------------------------------
 
 
+def _existing_run(run: str, storage_root: str) -> Run | None:
+    """The run, or None after telling the user where nothing was found."""
+    found = read_run(run_location(run, storage_root))
+    if not found.status and not found.manifests:
+        print(f"no run at {found.uri} (selfalign status lists the runs under {storage_root})", file=sys.stderr)
+        return None
+    return found
+
+
 def status_command(run: str | None, storage_root: str) -> int:
     """`selfalign status [RUN]`: every local run under the storage root, or one run in detail."""
     if run is None:
         runs = list_runs(storage_root)
         print(runs_table(runs) if runs else f"no runs under {storage_root}/{LOCAL_NAMESPACE}/")
         return 0
-    found = read_run(run_location(run, storage_root))
-    if not found.status and not found.manifests:
-        print(
-            f"no run at {found.uri} (selfalign status lists the runs under {storage_root})",
-            file=sys.stderr,
-        )
+    found = _existing_run(run, storage_root)
+    if found is None:
         return 2
     print(run_table(found), end="")
     return 0
@@ -444,12 +449,8 @@ def report_command(run: str, out_dir: Path, storage_root: str) -> int:
     """`selfalign report RUN --out DIR`: DIR/index.html, one self-contained page."""
     from .report_html import write_report
 
-    found = read_run(run_location(run, storage_root))
-    if not found.status and not found.manifests:
-        print(
-            f"no run at {found.uri} (selfalign status lists the runs under {storage_root})",
-            file=sys.stderr,
-        )
+    found = _existing_run(run, storage_root)
+    if found is None:
         return 2
     page = write_report(found, out_dir)
     print(f"report of run {found.name} ({found.status.get('phase', 'phase unknown')}): {page}")

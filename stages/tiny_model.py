@@ -95,15 +95,21 @@ def toy_texts() -> list[str]:
         noun, place = NOUNS[(i * 7 + 2) % len(NOUNS)], PLACES[(i * 5 + i // 7) % len(PLACES)]
         task = f" {verb} the {adjective} {noun}{place}."
         fact = f"The {adjective} {noun} is {ADJECTIVES[(i + 3) % len(ADJECTIVES)]}{place}."
-        texts += [
-            f"\n6. Instruction:{task}\n6. Input:\n<noinput>\n###",
-            f"\n6. Instruction:{task}\n6. Input:\n {fact}\n###",
-            f"\n9.{task}\n10.{task}\n\n",
-            f"\n{fact}\n",
-            f'\n{{"answer":"{fact}"}}',
-            f'\n{{"questions":["{task.strip()}","{fact}"]}}',
-        ]
+        texts += format_texts(task, fact)
     return texts
+
+
+def format_texts(task: str, fact: str) -> list[str]:
+    """One task and one fact in every format the stages prompt for: I-SHEEP's `###` list (with and
+    without input), Self-Instruct's numbered list, a plain answer, AITP's JSON answer and questions."""
+    return [
+        f"\n6. Instruction:{task}\n6. Input:\n<noinput>\n###",
+        f"\n6. Instruction:{task}\n6. Input:\n {fact}\n###",
+        f"\n9.{task}\n10.{task}\n\n",
+        f"\n{fact}\n",
+        f'\n{{"answer":"{fact}"}}',
+        f'\n{{"questions":["{task.strip()}","{fact}"]}}',
+    ]
 
 
 def toy_words() -> list[str]:

@@ -32,7 +32,7 @@ from selfalign.stages.engines import (
 from selfalign.operator.spec import parse_spec
 from selfalign.stages.records import Seed
 from selfalign.stages.synthesize import ANSWER_SCHEMA, generate_instructions, questions_schema
-from selfalign.stages.tiny_model import build_toy_llama
+from selfalign.stages.tiny_model import build_toy_llama, format_texts
 
 VERBS = ["Describe", "Explain", "Summarize", "Compare", "Suggest"]
 ADJECTIVES = ["quiet", "old", "busy", "small"]
@@ -73,14 +73,7 @@ def chain_texts() -> list[str]:
             noun, ending = NOUNS[(i + j) % 4], ENDINGS[(i * 4 + j) % 3]
             task = f" {verb} the {adjective} {noun} {ending}."
             fact = f"The {adjective} {noun} is {adjective} {ending}."
-            texts += [
-                f"\n6. Instruction:{task}\n6. Input:\n<noinput>\n###",
-                f"\n6. Instruction:{task}\n6. Input:\n {fact}\n###",
-                f"\n9.{task}\n10.{task}\n\n",
-                f"\n{fact}\n",
-                f'\n{{"answer":"{fact}"}}',
-                f'\n{{"questions":["{task.strip()}","{fact}"]}}',
-            ]
+            texts += format_texts(task, fact)
     return texts
 
 
