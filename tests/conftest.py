@@ -1,5 +1,6 @@
 """Shared fixtures live in tests/fixtures/, one module per concern (each owned by its area)."""
 import os
+import tempfile
 
 # Nothing in the test suite may reach a network or a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,6 +9,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A private torch.compile cache for this session and its subprocesses: processes sharing
+# /tmp/torchinductor_<user> have been seen to compile each other's half-written kernels.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="selfalign-inductor-"))
 
 pytest_plugins = [
     "tests.fixtures.s3",

@@ -1,0 +1,136 @@
+"""Each benchmark of bench/ runs end to end on a tiny size and prints its `ratio: X.XX` last.
+
+No timing is asserted (numbers belong in bench/README.md); what is asserted is that each one
+measures both sides, that the decision checks fail the run when the two sides disagree, and that
+the reference implementations compute what the project computes. The two vLLM benchmarks share
+one engine (their `measure`), as their `main` would start one each.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+# Before anything imports torch: the engine's kernels compile into a private inductor cache (see
+# bench/common.py vllm_environment; torch fixes the directory once imported, and vLLM's workers
+# inherit it).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from bench import assess, common, coverage, dedup, operator, synthesize
+from selfalign.stages import coverage_report  # noqa: E402
+
+RATIO = re.compile(r"ratio: (\d+\.\d\d)")
+
+
+def final_ratio(out: str) -> float:
+    """The benchmark's headline: its last printed line, `ratio: X.XX`."""
+    last = out.strip().splitlines()[-1]
+    match = RATIO.fullmatch(last)
+    assert match, f"last line is not the ratio: {last!r}"
+    return float(match.group(1))
+
+
+def test_dedup_full_check_runs_both_sides_and_agrees(capsys):
+    assert dedup.main(["--n", "120", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "decisions checked: 120 of 120, mismatches 0" in out
+    assert "reference (run in full)" in out
+    assert final_ratio(out) > 0
+
+
+def test_dedup_sampled_estimate_says_so_and_checks_the_sample(capsys):
+    assert dedup.main(["--n", "120", "--full-limit", "50", "--sample", "6", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "reference (ESTIMATED, not run in full)" in out
+    assert "decisions checked: 6 sampled candidates, mismatches 0" in out
+    assert final_ratio(out) > 0
+
+
+@pytest.mark.parametrize("argv", [["--n", "80"], ["--n", "80", "--full-limit", "10", "--sample", "200"]])
+def test_dedup_exits_1_when_a_decision_differs(monkeypatch, capsys, argv):
+    """In full, and on a sample that holds every candidate (so it holds the flipped one)."""
+    honest = dedup.project_decisions
+
+    def one_flipped(texts):
+        decisions = honest(texts)
+        decisions[40] = not decisions[40]
+        return decisions
+
+    monkeypatch.setattr(dedup, "project_decisions", one_flipped)
+    assert dedup.main([*argv, "--repeats", "1"]) == 1
+    assert "error: decisions differ" in capsys.readouterr().out
+
+
+def test_dedup_candidates_are_deterministic_perturbations():
+    source = ["Name three primary colors of light please", "What is the capital city of France"]
+    first, again = dedup.candidates(source, 50, seed=3), dedup.candidates(source, 50, seed=3)
+    assert first == again and len(first) == 50
+    assert any(text not in source for text in first)  # perturbed
+    assert any(text in source for text in first)  # and some exact repeats
+
+
+def test_reference_duplicate_is_self_instruct_rule():
+    pool = ["Write a poem about the sea in spring"]
+    assert dedup.reference_duplicate("Write a poem about the sea in summer", pool)
+    assert not dedup.reference_duplicate("List three prime numbers", pool)
+    assert not dedup.reference_duplicate("anything", [])
+
+
+def test_brute_force_computes_the_coverage_stage_metrics():
+    rng = np.random.default_rng(1)
+    reference, items = coverage.unit_vectors(300, rng), coverage.unit_vectors(70, rng)
+    scores = coverage_report.score(reference, np.zeros((0, coverage.DIMENSIONS), np.float32), items, 10, 10_000)
+    nearest, density = coverage.brute_force(reference, items, np.arange(300), 10)
+    np.testing.assert_allclose(nearest, scores.nearest, atol=1e-5)
+    assert np.mean(density == scores.density) > 0.98  # a near-tie at the k-th may round either way
+
+
+def test_coverage_benchmark_runs_end_to_end(capsys):
+    argv = ["--n", "400", "--full-limit", "200", "--sample", "50", "--passages", "4", "--questions", "4"]
+    assert coverage.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "reference (numpy brute force, ESTIMATED)" in out
+    assert "50 documents compared" in out
+    assert "embedding instructions (t0 questions): 4 texts" in out
+    assert final_ratio(out) > 0
+
+
+def test_operator_benchmark_measures_every_transition(capsys):
+    assert operator.main(["--runs", "1", "--rounds", "1", "--timeout", "120"]) == 0
+    out = capsys.readouterr().out
+    assert "R=1: 4 transitions (5 Jobs)" in out
+    assert "selfalign_job_gap_seconds: 4 observed" in out
+    assert final_ratio(out) > 0
+
+
+@pytest.mark.parametrize("text, score", [("7||clear and correct", 7), (" 10 || fine", 10), ("3", 3),
+                                         ("11||", None), ("0||", None), ("Score: 7", None), ("", None)])
+def test_leading_score_parses_like_isheep(text, score):
+    assert assess.leading_score(text) == score
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    engine = common.tiny_engine(tmp_path_factory.mktemp("bench-engine"))
+    yield engine
+    engine.close()
+
+
+@pytest.mark.slow
+def test_assess_benchmark_scores_both_ways(engine, capsys):
+    assert assess.measure(engine, assess.judge_prompts(6), repeats=1) == 0
+    out = capsys.readouterr().out
+    scored = re.search(r"items scored: project (\d) of (\d) \(.*\), reference \d of \2", out)
+    assert scored and scored.group(1) == scored.group(2)  # every item that fits gets a score
+    assert final_ratio(out) > 0
+
+
+@pytest.mark.slow
+def test_synthesize_benchmark_compares_batched_and_single_calls(engine, capsys):
+    assert synthesize.measure(engine, synthesize.prompts(3, seed=0), repeats=1) == 0
+    out = capsys.readouterr().out
+    assert "identical completions batched vs one by one" in out
+    assert final_ratio(out) > 0
