@@ -54,21 +54,26 @@ def test_tiny_example_runs_locally_resumes_after_ctrl_c_and_reports(tmp_path):
     first_manifest = store / "local" / "tiny" / "round-0" / "synthesize" / "manifest.json"
     args = ("run", str(TINY), "--storage", str(store), "--scratch", str(scratch))
 
-    interrupted = selfalign(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + 600
-    while not first_manifest.exists():
-        assert interrupted.poll() is None, interrupted.stdout.read()
-        assert time.monotonic() < deadline, "the first stage did not finish"
-        time.sleep(0.5)
-    os.killpg(interrupted.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
-    output = interrupted.communicate(timeout=120)[0]
-    assert interrupted.returncode == 130, output
+    # Output goes to files: a pipe nobody reads until the end fills up and blocks the run.
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    with first_log.open("w") as log:
+        interrupted = selfalign(*args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 900
+        while not first_manifest.exists():
+            assert interrupted.poll() is None, first_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first stage did not finish: " + first_log.read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(interrupted.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+        interrupted.wait(timeout=120)
+    output = first_log.read_text()
+    assert interrupted.returncode == 130, output[-3000:]
     assert "run the same command again to resume" in output
     synthesized = json.loads(first_manifest.read_text())
 
-    resumed = selfalign(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = resumed.communicate(timeout=900)[0]
+    with second_log.open("w") as log:
+        resumed = selfalign(*args, stdout=log, stderr=subprocess.STDOUT)
+        resumed.wait(timeout=1200)
+    output = second_log.read_text()
     assert resumed.returncode == 0, output[-3000:]
     # Finished work is never redone: either status already recorded synthesize as done, or the
     # stage found its own manifest and reported it again (Ctrl-C came between the two).
@@ -80,7 +85,7 @@ def test_tiny_example_runs_locally_resumes_after_ctrl_c_and_reports(tmp_path):
 
     report = selfalign("report", "tiny", "--storage", str(store), "--out", str(tmp_path / "report"),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert report.wait(timeout=300) == 0, report.stdout.read()
+    assert report.wait(timeout=300) == 0, report.communicate()[0]
     html = (tmp_path / "report" / "index.html").read_text()
     assert "Succeeded" in html and html.count("data:image/png;base64,") >= 4
 
