@@ -25,8 +25,6 @@ import itertools
 import re
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
 from selfalign.operator.spec import Sampling
 from selfalign.stages import builtin, records
@@ -62,14 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     common.header("assess: Engine.score (label probabilities) vs 64-token judgment + parse (I-SHEEP)",
                   common.VLLM_PACKAGES)
-    with tempfile.TemporaryDirectory() as scratch:
-        engine, start = common.timed(lambda: common.tiny_engine(Path(scratch)))
-        try:
-            common.line("engine", f"tiny random Llama (stages/tiny_model.py) on vLLM CPU, float32, "
-                                  f"max_model_len {engine.max_model_len}; started in {start}")
-            return measure(engine, judge_prompts(args.items), args.repeats)
-        finally:
-            engine.close()
+    return common.run_on_tiny_engine(lambda engine: measure(engine, judge_prompts(args.items), args.repeats))
 
 
 def measure(engine, prompts: list[str], repeats: int) -> int:

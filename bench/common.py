@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -137,6 +138,18 @@ def tiny_engine(scratch: Path, seed: int = 0):
     model = build_tiny_llama(scratch / "tiny-llama")
     settings = EngineSettings(dtype="float32", max_model_len=512, enforce_eager=True)
     return Engine(model, settings, gpus=0, seed=seed)
+
+
+def run_on_tiny_engine(measure: Callable[[Any], int]) -> int:
+    """measure(engine) on a fresh tiny engine (its start-up reported, not timed), then closed."""
+    with tempfile.TemporaryDirectory() as scratch:
+        engine, start = timed(lambda: tiny_engine(Path(scratch)))
+        try:
+            line("engine", f"tiny random Llama (stages/tiny_model.py) on vLLM CPU, float32, "
+                           f"max_model_len {engine.max_model_len}; started in {start}")
+            return measure(engine)
+        finally:
+            engine.close()
 
 
 def uncached(engine, work: Callable[[], Any]) -> tuple[Any, Timing]:

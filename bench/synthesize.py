@@ -17,8 +17,6 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
 from selfalign.operator.spec import Sampling
 from selfalign.stages import builtin, records
@@ -46,14 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     common.header("synthesize: one batched Engine.generate call vs one call per prompt",
                   common.VLLM_PACKAGES)
-    with tempfile.TemporaryDirectory() as scratch:
-        engine, start = common.timed(lambda: common.tiny_engine(Path(scratch)))
-        try:
-            common.line("engine", f"tiny random Llama (stages/tiny_model.py) on vLLM CPU, float32, "
-                                  f"max_model_len {engine.max_model_len}; started in {start}")
-            return measure(engine, prompts(args.prompts, args.seed), args.repeats)
-        finally:
-            engine.close()
+    return common.run_on_tiny_engine(lambda engine: measure(engine, prompts(args.prompts, args.seed), args.repeats))
 
 
 def measure(engine, texts: list[str], repeats: int) -> int:
