@@ -1,12 +1,13 @@
 """The kopf operator: every event about a run, its Jobs or their Pods reconciles that run.
 
-A pass is level-triggered and idempotent: load the run, observe its Jobs and Pods (kopf's
-in-memory indices, filled by the same watch streams that deliver the events), `plan`, write the
-status once (only if it changed, through the status subresource, before any child exists), create
-what the plan needs (409 = done), then post the plan's Events. Nothing polls on a fixed period:
-the run's own watch (whose initial listing also resumes every run after a restart) and its
-children's watches are the triggers. Watches are renewed every 10 minutes, which re-delivers every
-object: the safety net for a pass that failed on a transient API error.
+A pass is level-triggered and idempotent: read the run, its Jobs and their Pods from kopf's
+in-memory indices (filled by the same watch streams that deliver the events, as an informer cache
+is), `plan`, write the status once (only if it changed, through the status subresource, before any
+child exists), create what the plan needs (409 = done), then post the plan's Events. The API sees
+only writes. Nothing polls on a fixed period: the run's own watch (whose initial listing also
+resumes every run after a restart) and its children's watches are the triggers; a Pod matters only
+when it ends. Watches are renewed every 10 minutes, which re-delivers every object: the safety net
+for a pass that failed on a transient API error.
 
 Two replicas: kopf peering. `selfalign operator --peering NAME` makes peering mandatory (the Helm
 chart installs the ClusterKopfPeering, or a KopfPeering per watched namespace); each replica's
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Callable, Mapping
 
@@ -30,9 +32,9 @@ from kubernetes.client.exceptions import ApiException
 
 from . import metrics
 from .jobs import build_config_map, build_stage_objects, owner_reference
-from .kube import Kube
-from .naming import GROUP, KIND, LABEL_JOB, LABEL_RUN, PLURAL, VERSION
-from .observe import observe_jobs
+from .kube import Kube, compare_resource_versions
+from .naming import GROUP, KIND, LABEL_JOB, LABEL_RUN, PLURAL, VERSION, config_map_name
+from .observe import observe_jobs, pod_phase
 from .planner import EnsureJob, Event, plan
 from .settings import OperatorSettings
 from .spec import RunSpec, SpecError, parse_spec
@@ -47,6 +49,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = WATCH_RENEWAL
     settings.watching.client_timeout = WATCH_RENEWAL + 60
     memo.reconciler = Reconciler(Kube(kubernetes.client.ApiClient()), OperatorSettings.from_env(os.environ))
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+async def runs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    """Each run as its watch last delivered it: a pass reads this instead of GETting the run."""
+    return {(namespace, name): dict(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
@@ -73,25 +81,31 @@ async def runs_by_phase(namespace: str, name: str, status: kopf.Status, **_: Any
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def run_changed(namespace: str, name: str, memo: kopf.Memo, run_jobs: kopf.Index, job_pods: kopf.Index,
-                runs_by_phase: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
-    memo.reconciler.request(namespace, name, run_jobs, job_pods, logger)
+def run_changed(namespace: str, name: str, memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
+                job_pods: kopf.Index, runs_by_phase: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
+    memo.reconciler.request(namespace, name, Cache(runs, run_jobs, job_pods), logger)
     metrics.set_runs_by_phase({phase: len(runs_by_phase.get(phase, ())) for phase in metrics.PHASES})
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
-def job_changed(namespace: str, body: kopf.Body, memo: kopf.Memo, run_jobs: kopf.Index,
+def job_changed(namespace: str, body: kopf.Body, memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
                 job_pods: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
     run = owning_run(body)
     if run:
-        memo.reconciler.request(namespace, run, run_jobs, job_pods, logger)
+        memo.reconciler.request(namespace, run, Cache(runs, run_jobs, job_pods), logger)
 
 
-@kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT, LABEL_JOB: kopf.PRESENT})
-def pod_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, run_jobs: kopf.Index,
+def pod_ended(type: str | None, body: kopf.Body, **_: Any) -> bool:
+    """Only a Pod's end or removal can change a plan: a finished Job's result is its Pod's
+    termination message, and nothing else of a Pod is read."""
+    return type == "DELETED" or pod_phase(body) in ("Succeeded", "Failed")
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT, LABEL_JOB: kopf.PRESENT}, when=pod_ended)
+def pod_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
                 job_runs: kopf.Index, job_pods: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
     for run in list(job_runs.get((namespace, labels[LABEL_JOB]), ())):
-        memo.reconciler.request(namespace, run, run_jobs, job_pods, logger)
+        memo.reconciler.request(namespace, run, Cache(runs, run_jobs, job_pods), logger)
 
 
 def owning_run(body: Mapping[str, Any]) -> str | None:
@@ -111,18 +125,31 @@ def _facts(body: kopf.Body) -> dict[str, Any]:
             "status": dict(body.get("status") or {})}
 
 
+@dataclass(frozen=True)
+class Cache:
+    """kopf's indices, kept current by the watch streams that also deliver the events: a pass
+    observes runs, Jobs and Pods here and sends the API only its writes."""
+
+    runs: Mapping
+    run_jobs: Mapping
+    job_pods: Mapping
+
+
 class Reconciler:
-    """One operator process's reconciler: the API, the settings, and two pieces of memory that
-    only save requests: which runs are being reconciled (a burst of events becomes one more
-    pass, never two overlapping ones) and which Jobs were created but not seen yet."""
+    """One operator process's reconciler: the API, the settings, and memory that only saves
+    requests: which runs are being reconciled (a burst of events becomes one more pass, never two
+    overlapping ones), which Jobs were created but not seen yet, each run as this process last
+    wrote it (newer than the watch until its echo arrives), and each run's ConfigMap as applied."""
 
     def __init__(self, kube: Kube, settings: OperatorSettings):
         self.kube, self.settings = kube, settings
         self._guard = threading.Lock()
         self._again: dict[tuple[str, str], bool] = {}  # run being reconciled -> another pass wanted
         self._expected: dict[tuple[str, str], float] = {}  # (namespace, Job) -> when it was created
+        self._written: dict[tuple[str, str], dict[str, Any]] = {}  # run -> as our last status write stored it
+        self._config_maps: dict[tuple[str, str], dict[str, str]] = {}  # (namespace, ConfigMap) -> data applied
 
-    def request(self, namespace: str, name: str, run_jobs: Mapping, job_pods: Mapping, logger: Any) -> None:
+    def request(self, namespace: str, name: str, cache: Cache, logger: Any) -> None:
         """Reconcile the run now, or, if a pass is under way in another thread, once more after it."""
         key = (namespace, name)
         with self._guard:
@@ -132,7 +159,7 @@ class Reconciler:
             self._again[key] = False
         try:
             while True:
-                self.reconcile(namespace, name, run_jobs, job_pods, logger)
+                self.reconcile(namespace, name, cache, logger)
                 with self._guard:
                     if not self._again[key]:
                         del self._again[key]
@@ -144,9 +171,9 @@ class Reconciler:
                 self._again.pop(key, None)
             raise
 
-    def reconcile(self, namespace: str, name: str, run_jobs: Mapping, job_pods: Mapping, logger: Any) -> None:
-        # 1. Load the run as stored now; nothing to do once it is gone or going.
-        run = self.kube.get_run(namespace, name)
+    def reconcile(self, namespace: str, name: str, cache: Cache, logger: Any) -> None:
+        # 1. The run as last seen; nothing to do once it is gone or going.
+        run = self._load(namespace, name, cache.runs)
         if run is None or run["metadata"].get("deletionTimestamp"):
             return
         # 2. Parse the spec; the planner turns a SpecError into a Failed run (InvalidSpec).
@@ -155,8 +182,8 @@ class Reconciler:
         except SpecError as exc:
             spec = exc
         # 3. Observe its Jobs and their Pods from the indices (no API request).
-        jobs = list(run_jobs.get((namespace, name), ()))
-        pods = {job["metadata"]["name"]: list(job_pods.get((namespace, job["metadata"]["name"]), ()))
+        jobs = list(cache.run_jobs.get((namespace, name), ()))
+        pods = {job["metadata"]["name"]: list(cache.job_pods.get((namespace, job["metadata"]["name"]), ()))
                 for job in jobs}
         observed = observe_jobs(jobs, pods)
         # 4. Decide.
@@ -165,10 +192,14 @@ class Reconciler:
                       generation=run["metadata"].get("generation", 1))
         # 5. Write status once, before any child exists; a 409 means a newer run version is coming.
         if result.status != (run.get("status") or {}):
-            if not self.kube.write_status(run, result.status):
+            stored = self.kube.write_status(run, result.status)
+            if stored is None:
                 logger.info("status write conflicted; the run's next event reconciles it run=%s", name)
                 return
+            with self._guard:
+                self._written[(namespace, name)] = stored
             metrics.record_status_change(run.get("status"), result.status)
+            run = stored
         # 6. Make sure the Jobs the plan needs exist.
         for job in result.jobs:
             if self._ensure(run, spec, job, seen={j["metadata"]["name"] for j in jobs}, now=now, logger=logger):
@@ -176,6 +207,27 @@ class Reconciler:
         # 7. Tell the user what changed.
         for event in result.events:
             self.kube.post_event(run, event, now)
+
+    def _load(self, namespace: str, name: str, runs: Mapping) -> dict[str, Any] | None:
+        """The newer of the run as the watch last delivered it and as this process last wrote it.
+        Reading the watch's copy alone would plan from a status older than our own write until its
+        echo arrives (the write would only get a 409; TTL-deleted Jobs could be re-created)."""
+        key = (namespace, name)
+        watched = next(iter(runs.get(key, ())), None)
+        with self._guard:
+            written = self._written.get(key)
+            if watched is None:  # deleted (or not listed yet: its own event comes)
+                self._written.pop(key, None)
+                self._config_maps.pop((namespace, config_map_name(name)), None)
+                return None
+            if written is None:
+                return watched
+            order = compare_resource_versions(watched["metadata"].get("resourceVersion"),
+                                              written["metadata"].get("resourceVersion"))
+            if order is not None and order < 0:
+                return written
+            del self._written[key]
+        return watched if order is not None else self.kube.get_run(namespace, name)
 
     def _ensure(self, run: Mapping[str, Any], spec: RunSpec, job: EnsureJob, *, seen: set[str],
                 now: datetime, logger: Any) -> bool:
@@ -190,7 +242,7 @@ class Reconciler:
         owner = owner_reference(run)
         created = False
         try:
-            self.kube.apply_config_map(build_config_map(spec, namespace=namespace, run_name=name, owner=owner))
+            self._apply_config_map(build_config_map(spec, namespace=namespace, run_name=name, owner=owner))
             for obj in build_stage_objects(spec, job, namespace=namespace, run_name=name, owner=owner,
                                            settings=self.settings):
                 if self.kube.create(obj) and obj["kind"] == "Job":
@@ -206,6 +258,17 @@ class Reconciler:
         with self._guard:
             self._expected[key] = time.monotonic()
         return created
+
+    def _apply_config_map(self, config_map: Mapping[str, Any]) -> None:
+        """Apply the run's spec ConfigMap once per content (the API is asked again after a restart)."""
+        meta = config_map["metadata"]
+        key, data = (meta["namespace"], meta["name"]), config_map.get("data", {})
+        with self._guard:
+            if self._config_maps.get(key) == data:
+                return
+        self.kube.apply_config_map(config_map)
+        with self._guard:
+            self._config_maps[key] = data
 
     def _is_expected(self, key: tuple[str, str]) -> bool:
         with self._guard:

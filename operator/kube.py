@@ -44,20 +44,20 @@ class Kube:
                 return None
             raise
 
-    def write_status(self, run: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    def write_status(self, run: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any] | None:
         """Replace the run's status through the status subresource, only if the run is still at the
-        resourceVersion that was read; False when it moved on (its next event reconciles again)."""
+        resourceVersion that was read. Returns the run as stored now; None when it moved on (its
+        next event reconciles again)."""
         meta = run["metadata"]
         patch = merge_patch(run.get("status") or {}, status)
         body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch}
         try:
-            self.custom.patch_namespaced_custom_object_status(
+            return self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body)
         except ApiException as exc:
             if exc.status in (CONFLICT, NOT_FOUND):
-                return False
+                return None
             raise
-        return True
 
     def create(self, obj: Mapping[str, Any]) -> bool:
         """Create a namespaced object; False when it exists already (an earlier pass made it)."""
@@ -105,3 +105,13 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
         else:
             patch[key] = value
     return patch
+
+
+def compare_resource_versions(a: str | None, b: str | None) -> int | None:
+    """-1, 0 or 1 as resourceVersion `a` is older than, the same as or newer than `b` (of one
+    object); None when either is not the positive decimal integer that Kubernetes guarantees
+    from 1.35 on (KEP-5504, client-go's CompareResourceVersion), so the caller must ask the API."""
+    if not all(v and v.isdecimal() and v.isascii() and v[0] != "0" for v in (a, b)):
+        return None
+    x, y = int(a), int(b)
+    return (x > y) - (x < y)

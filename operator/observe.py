@@ -75,9 +75,9 @@ def observe_job(job: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> JobObs
 def _deciding_pod(pods: list[Mapping[str, Any]], phase: str) -> Mapping[str, Any] | None | object:
     """The newest Pod that ended in `phase` (rank 0's for an Indexed Job), None when there is none
     (the Pods are gone, or none ended that way), _UNSETTLED while any Pod has not terminated."""
-    if any(_pod_phase(p) in _RUNNING_PHASES for p in pods):
+    if any(pod_phase(p) in _RUNNING_PHASES for p in pods):
         return _UNSETTLED
-    ended = [p for p in pods if _pod_phase(p) == phase]
+    ended = [p for p in pods if pod_phase(p) == phase]
     rank0 = [p for p in ended if _completion_index(p) in (None, "0")]
     return max(rank0 or ended, key=_created, default=None)
 
@@ -92,7 +92,8 @@ def _completion_index(pod: Mapping[str, Any]) -> str | None:
     return (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(COMPLETION_INDEX)
 
 
-def _pod_phase(pod: Mapping[str, Any]) -> str | None:
+def pod_phase(pod: Mapping[str, Any]) -> str | None:
+    """Succeeded or Failed once the Pod or its containers ended, else the Pod's own phase."""
     status = pod.get("status") or {}
     if status.get("phase") in ("Succeeded", "Failed"):
         return status["phase"]
