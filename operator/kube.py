@@ -70,13 +70,19 @@ class Kube:
             raise
         return True
 
-    def apply_config_map(self, config_map: Mapping[str, Any]) -> None:
-        """Create the ConfigMap, or bring its data to the current spec when it exists."""
-        if self.create(config_map):
+    def apply_config_map(self, config_map: Mapping[str, Any], *, exists: bool = False) -> None:
+        """Create the ConfigMap, or bring its data to the current spec when it exists (`exists`:
+        the caller applied it before, so the patch goes first)."""
+        if not exists and self.create(config_map):
             return
         meta = config_map["metadata"]
-        self.core.patch_namespaced_config_map(meta["name"], meta["namespace"], {"data": config_map.get("data", {})},
-                                              _preload_content=False).data
+        try:
+            self.core.patch_namespaced_config_map(meta["name"], meta["namespace"], {"data": config_map.get("data", {})},
+                                                  _preload_content=False).data
+        except ApiException as exc:
+            if not (exists and exc.status == NOT_FOUND):
+                raise
+            self.create(config_map)
 
     def post_event(self, run: Mapping[str, Any], event: Event, now: datetime) -> None:
         """A core/v1 Event on the run, named as client-go names them (`<object>.<unix nanos hex>`)."""

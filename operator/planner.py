@@ -88,7 +88,7 @@ def plan(
     name: str,
     generation: int,
 ) -> Plan:
-    old = copy.deepcopy(dict(status or {}))
+    old = dict(status or {})  # read only; every change goes to the copy
     new = copy.deepcopy(old)
     ts = _timestamp(now)
     new["observedGeneration"] = generation

@@ -98,11 +98,14 @@ def test_coverage_benchmark_runs_end_to_end(capsys):
     assert final_ratio(out) > 0
 
 
-def test_operator_benchmark_measures_every_transition(capsys):
-    assert operator.main(["--runs", "1", "--rounds", "1", "--timeout", "120"]) == 0
+def test_operator_benchmark_measures_every_transition_in_both_loads(capsys):
+    assert operator.main(["--runs", "1", "--rounds", "1", "--stage-seconds", "0.1", "0.3",
+                          "--capacity-runs", "2", "--timeout", "120"]) == 0
     out = capsys.readouterr().out
-    assert "R=1: 4 transitions (5 Jobs)" in out
-    assert "selfalign_job_gap_seconds: 4 observed" in out
+    assert "R=1 paced: 4 transitions (5 Jobs)" in out
+    assert "R=2 lockstep: 8 transitions (10 Jobs)" in out
+    assert "selfalign_job_gap_seconds: 4 observed" in out and "selfalign_job_gap_seconds: 8 observed" in out
+    assert "goal: p95 < 0.5 s at R=1, paced" in out
     assert final_ratio(out) > 0
 
 

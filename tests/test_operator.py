@@ -7,14 +7,16 @@ termination messages and the Job conditions are the real ones.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from pathlib import Path
 
+import kmock
 import pytest
 import yaml
 
 from selfalign.operator.handlers import operator_options
-from selfalign.operator.naming import job_name
+from selfalign.operator.naming import PLURAL, job_name
 from selfalign.operator.spec import STAGES, deep_merge
 from tests.fixtures.kube import NS, KillSwitch, wait_for
 
@@ -101,6 +103,31 @@ async def test_two_round_run_succeeds_with_ten_jobs_in_order(cluster):
     # The ConfigMap carries the resolved spec, owned by the run.
     config_map = cluster.emulator.get_object("v1/configmaps", NS, "two-spec")
     assert config_map["metadata"]["ownerReferences"][0]["name"] == "two"
+
+
+async def test_operator_reads_through_its_watches_and_sends_only_writes(cluster):
+    """A pass reads the run, its Jobs and Pods from kopf's indices: during a run the operator GETs
+    no object, applies the run's ConfigMap once per spec version, and every status write lands
+    (it never plans from a status older than its own last write)."""
+    await cluster.create_run("lean", run_spec(rounds=1))
+    assert (await cluster.wait_phase("lean", "Succeeded", "Failed"))["phase"] == "Succeeded"
+    await cluster.patch_spec("lean", {"rounds": 2})  # a new spec version: the ConfigMap follows it
+    await wait_for(lambda: (cluster.status("lean").get("round"), cluster.status("lean")["phase"]) == (1, "Succeeded"),
+                   90, what="round 1 to succeed")
+
+    sent = [r for r in cluster.operator_requests() if r.resource is not None]
+    named_reads = [f"{r.resource.plural}/{r.name}" for r in sent if r.method == kmock.method.GET and r.name]
+    assert named_reads == []
+    config_map_writes = [str(r.method) for r in sent if r.resource.plural == "configmaps"]
+    assert config_map_writes == ["method.POST", "method.PATCH"]
+    spec = json.loads(cluster.emulator.get_object("v1/configmaps", NS, "lean-spec")["data"]["spec.json"])
+    assert spec["rounds"] == 2
+    status_writes = [r for r in sent if r.resource.plural == PLURAL and r.subresource == "status"]
+    statuses = [v.get("status") for v in cluster.history("lean")]
+    changes = sum(before != after for before, after in zip(statuses, statuses[1:]))
+    # Each stage is written Running, then Succeeded (with the next stage Pending in the same write);
+    # plus the run's first write and its resumption.
+    assert len(status_writes) == changes == 1 + 2 * 10 + 1
 
 
 @pytest.mark.parametrize("exit_code, attempts", [(1, 2), (2, 1)], ids=["retried", "bad-input-fails-at-once"])
