@@ -19,6 +19,7 @@ Without `--peering` the operator runs standalone (one replica).
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -35,11 +36,12 @@ from .jobs import build_config_map, build_stage_objects, owner_reference
 from .kube import Kube, compare_resource_versions
 from .naming import GROUP, KIND, LABEL_JOB, LABEL_RUN, PLURAL, VERSION, config_map_name
 from .observe import observe_jobs, pod_phase
-from .planner import EnsureJob, Event, plan
+from .planner import EnsureJob, Event, JobObservation, plan
 from .settings import OperatorSettings
 from .spec import RunSpec, SpecError, parse_spec
 
 EXPECTATION_TTL = 300.0  # seconds a created Job may take to show up in the index (as kube-controller-manager)
+REFUSAL_BACKOFF = 30.0  # seconds before a refused Job create is tried again
 WATCH_RENEWAL = 600  # seconds
 
 
@@ -156,7 +158,9 @@ class Reconciler:
     requests: which runs are being reconciled (a burst of events becomes one more pass, never two
     overlapping ones), which Jobs were created but not seen yet, each run as this process last
     wrote it (newer than the watch until its echo arrives), each run's parsed spec and its
-    ConfigMap as applied."""
+    ConfigMap as applied. And one observation the cluster cannot give back: which Job creates the
+    API refused, and why (the planner keeps the stage Pending and says so; tried again after
+    REFUSAL_BACKOFF)."""
 
     def __init__(self, kube: Kube, settings: OperatorSettings):
         self.kube, self.settings = kube, settings
@@ -166,6 +170,8 @@ class Reconciler:
         self._written: dict[tuple[str, str], dict[str, Any]] = {}  # run -> as our last status write stored it
         self._config_maps: dict[tuple[str, str], dict[str, str]] = {}  # (namespace, ConfigMap) -> data applied
         self._specs: dict[tuple[str, str], tuple[tuple, RunSpec | SpecError]] = {}  # run -> (uid, generation), spec
+        self._refused: dict[tuple[str, str], dict[str, tuple[float, JobObservation]]] = {}  # run -> Job -> when, why
+        self._retrying: set[tuple[str, str]] = set()  # runs with a retry of a refused create scheduled
 
     def request(self, namespace: str, name: str, cache: Cache, logger: Any) -> None:
         """Reconcile the run now, or, if a pass is under way in another thread, once more after it."""
@@ -200,7 +206,7 @@ class Reconciler:
         jobs = list(cache.run_jobs.get((namespace, name), ()))
         pods = {job["metadata"]["name"]: list(cache.job_pods.get((namespace, job["metadata"]["name"]), ()))
                 for job in jobs}
-        observed = observe_jobs(jobs, pods)
+        observed = {**self._refusals(namespace, name), **observe_jobs(jobs, pods)}
         # 4. Decide.
         now = datetime.now(UTC)
         result = plan(spec, run.get("status"), observed, now, namespace=namespace, name=name,
@@ -215,10 +221,16 @@ class Reconciler:
                 self._written[(namespace, name)] = stored
             metrics.record_status_change(run.get("status"), result.status)
             run = stored
-        # 6. Make sure the Jobs the plan needs exist.
+        # 6. Make sure the Jobs the plan needs exist; a new refusal goes into status on another pass.
         for job in result.jobs:
-            if self._ensure(run, spec, job, seen={j["metadata"]["name"] for j in jobs}, now=now, logger=logger):
+            created = self._ensure(run, spec, job, seen={j["metadata"]["name"] for j in jobs}, now=now, logger=logger)
+            if created is None:
+                with self._guard:
+                    self._again[(namespace, name)] = True
+            elif created:
                 metrics.observe_job_created(result.status, datetime.now(UTC))
+        if self._refusals(namespace, name):
+            self._retry_later(namespace, name, cache, logger)
         # 7. Tell the user what changed.
         for event in result.events:
             self.kube.post_event(run, event, now)
@@ -250,6 +262,7 @@ class Reconciler:
             if watched is None:  # deleted (or not listed yet: its own event comes)
                 self._written.pop(key, None)
                 self._specs.pop(key, None)
+                self._refused.pop(key, None)
                 self._config_maps.pop((namespace, config_map_name(name)), None)
                 return None
             if written is None:
@@ -262,14 +275,15 @@ class Reconciler:
         return watched if order is not None else self.kube.get_run(namespace, name)
 
     def _ensure(self, run: Mapping[str, Any], spec: RunSpec, job: EnsureJob, *, seen: set[str],
-                now: datetime, logger: Any) -> bool:
-        """Create the Job unless it is seen or was just created; True when this call created it."""
+                now: datetime, logger: Any) -> bool | None:
+        """Create the Job unless it is seen, was just created, or was just refused. True when this
+        call created it; None when the API refused it with a cause not known before."""
         namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
         key = (namespace, job.name)
         if job.name in seen:
-            self._forget(key)
+            self._forget(key, run=name)
             return False
-        if self._is_expected(key):
+        if self._is_expected(key) or self._refused_lately(namespace, name, job.name):
             return False
         owner = owner_reference(run)
         created = False
@@ -283,13 +297,53 @@ class Reconciler:
             if exc.status is None or exc.status >= 500:
                 raise
             # The API refused the object (quota, admission, validation): say so on the run.
-            message = f"round {job.round} stage {job.stage}: creating Job {job.name} failed: {exc.reason}: {_body(exc)}"
+            cause = f"creating Job {job.name} was refused: {exc.status} {exc.reason}: {_api_message(exc)}"
             logger.warning("job create refused job=%s status=%s", job.name, exc.status)
-            self.kube.post_event(run, Event("Warning", "CreateFailed", message), now)
-            return False
+            with self._guard:
+                refused = self._refused.setdefault((namespace, name), {})
+                before = refused.get(job.name)
+                refused[job.name] = (time.monotonic(), JobObservation(job.name, job.round, job.stage, "Refused",
+                                                                      message=cause))
+            if before is not None and before[1].message == cause:
+                return False
+            self.kube.post_event(run, Event("Warning", "CreateFailed", f"round {job.round} stage {job.stage}: {cause}"),
+                                 now)
+            return None
+        self._forget(key, run=name)  # no refusal to report any more
         with self._guard:
             self._expected[key] = time.monotonic()
         return created
+
+    def _refusals(self, namespace: str, run: str) -> dict[str, JobObservation]:
+        """The run's Job creates that the API refused, as observations of those Jobs."""
+        with self._guard:
+            return {job: seen for job, (_, seen) in self._refused.get((namespace, run), {}).items()}
+
+    def _retry_later(self, namespace: str, name: str, cache: Cache, logger: Any) -> None:
+        """Reconcile the run again after REFUSAL_BACKOFF: a refused create may succeed later (quota
+        freed) with nothing else happening to the run. One retry at a time per run."""
+        key = (namespace, name)
+        with self._guard:
+            if key in self._retrying:
+                return
+            self._retrying.add(key)
+
+        def retry() -> None:
+            with self._guard:
+                self._retrying.discard(key)
+            try:
+                self.request(namespace, name, cache, logger)
+            except Exception:
+                logger.exception("retrying a refused Job create failed run=%s", name)
+
+        timer = threading.Timer(REFUSAL_BACKOFF, retry)
+        timer.daemon = True
+        timer.start()
+
+    def _refused_lately(self, namespace: str, run: str, job: str) -> bool:
+        with self._guard:
+            refused = self._refused.get((namespace, run), {}).get(job)
+        return refused is not None and time.monotonic() - refused[0] < REFUSAL_BACKOFF
 
     def _apply_config_map(self, config_map: Mapping[str, Any]) -> None:
         """Apply the run's spec ConfigMap once per content (the API is asked again after a restart)."""
@@ -311,13 +365,23 @@ class Reconciler:
                 created = None
         return created is not None
 
-    def _forget(self, key: tuple[str, str]) -> None:
+    def _forget(self, key: tuple[str, str], run: str) -> None:
+        """The Job exists: nothing to expect, no refusal to report."""
         with self._guard:
             self._expected.pop(key, None)
+            refused = self._refused.get((key[0], run), {})
+            refused.pop(key[1], None)
+            if not refused:
+                self._refused.pop((key[0], run), None)
 
 
-def _body(exc: ApiException) -> str:
-    return " ".join(str(exc.body or "").split())[:300]
+def _api_message(exc: ApiException) -> str:
+    """The API's own sentence from its Status body (e.g. "exceeded quota: ..."), else the body."""
+    try:
+        message = json.loads(exc.body or "").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return " ".join(str(message or exc.body or "").split())[:300]
 
 
 def operator_options(namespaces: list[str] | None, peering: str | None,

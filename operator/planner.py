@@ -13,7 +13,8 @@ Rules, in the order the code applies them:
    own manifest and completes as a no-op: the stage contract.)
 3. The stages run strictly in order, round by round; the first stage not yet Succeeded is the
    current one. Failed there fails the run; otherwise its Job must exist (an idempotent ensure:
-   created once, re-created only if it vanished before finishing).
+   created once, re-created only if it vanished before finishing). While the API refuses to
+   create it (quota, admission policy), the stage stays Pending and the run says why.
 4. `suspend` starts nothing new; a stage already running finishes.
 5. Raising `rounds` after success continues the run.
 """
@@ -41,10 +42,10 @@ class JobObservation:
     name: str
     round: int
     stage: str
-    phase: Literal["Active", "Succeeded", "Failed"]
+    phase: Literal["Active", "Succeeded", "Failed", "Refused"]  # Refused: the API would not create it
     failures: int = 0
     result: Mapping[str, Any] | None = None  # the stage's JSON summary (termination message)
-    message: str | None = None  # why it failed: the stage's one-line cause, or the Job's reason
+    message: str | None = None  # why it failed or was refused: the stage's cause, the Job's or API's reason
     start_time: str | None = None
     completion_time: str | None = None
 
@@ -138,6 +139,9 @@ def plan(
     if spec.suspend:
         message = f"suspended; round {round_} stage {stage} is still running and nothing new starts"
         _set_phase(new, conds, SUSPENDED, c.SUSPENDED_BY_USER, message, generation, ts)
+    elif record["phase"] == PENDING and record.get("message"):
+        message = f"round {round_}/{spec.rounds - 1} stage {stage}: waiting for its Job: {record['message']}"
+        _set_phase(new, conds, RUNNING, c.JOB_REFUSED, message, generation, ts)
     else:
         message = f"round {round_}/{spec.rounds - 1} stage {stage}: {record['phase'].lower()}"
         _set_phase(new, conds, RUNNING, c.STAGE_RUNNING, message, generation, ts)
@@ -171,6 +175,11 @@ def _fold_observations(rounds: list[dict[str, Any]], observed: Mapping[str, JobO
             seen = observed.get(record["job"])
             if seen is None or (seen.round, seen.stage) != (entry["round"], stage):
                 continue
+            if seen.phase == "Refused":
+                if record["phase"] == PENDING:
+                    record["message"] = (seen.message or "the API refused the Job")[:MAX_MESSAGE]
+                continue
+            record.pop("message", None)  # a refusal, once the Job exists
             if seen.phase == "Active":
                 record.update(phase=RUNNING, attempts=seen.failures + 1)
                 record.setdefault("startTime", seen.start_time or ts)

@@ -15,6 +15,7 @@ import kmock
 import pytest
 import yaml
 
+from selfalign.operator import handlers
 from selfalign.operator.handlers import operator_options
 from selfalign.operator.naming import PLURAL, job_name
 from selfalign.operator.spec import STAGES, deep_merge
@@ -128,6 +129,35 @@ async def test_operator_reads_through_its_watches_and_sends_only_writes(cluster)
     # Each stage is written Running, then Succeeded (with the next stage Pending in the same write);
     # plus the run's first write and its resumption.
     assert len(status_writes) == changes == 1 + 2 * 10 + 1
+
+
+async def test_a_refused_job_create_shows_on_the_run_and_is_tried_again(cluster, monkeypatch):
+    monkeypatch.setattr(handlers, "REFUSAL_BACKOFF", 0.2)
+    train = job_name("quota", 0, "train")
+    quota = {"full": True}
+
+    def admission(request):
+        if (quota["full"] and request.action == kmock.action.CREATE and request.resource.plural == "jobs"
+                and request.data["metadata"]["name"] == train):
+            raise kmock.KubernetesError(status=403, reason="Forbidden",
+                                        message=f'jobs "{train}" is forbidden: exceeded quota: jobs, used: 4, limited: 4')
+
+    cluster.emulator.admission = admission
+    await cluster.create_run("quota", run_spec(rounds=1))
+    await wait_for(lambda: "refused" in cluster.status("quota").get("message", ""), what="the refusal in status")
+    status = cluster.status("quota")
+    record = status["rounds"][0]["stages"]["train"]
+    assert record["phase"] == "Pending"
+    assert record["message"] == (f'creating Job {train} was refused: 403 Forbidden: jobs "{train}" is forbidden: '
+                                 "exceeded quota: jobs, used: 4, limited: 4")
+    assert status["phase"] == "Running" and condition(status, "Progressing")["reason"] == "JobCreateRefused"
+    assert [e["type"] for e in cluster.events("quota") if e["reason"] == "CreateFailed"] == ["Warning"]
+
+    quota["full"] = False  # capacity frees up: the create is tried again, with nothing else happening
+    status = await cluster.wait_phase("quota", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert "message" not in status["rounds"][0]["stages"]["train"]
+    assert [j["metadata"]["name"] for j in cluster.jobs("quota")] == expected_jobs("quota", 1)
 
 
 @pytest.mark.parametrize("exit_code, attempts", [(1, 2), (2, 1)], ids=["retried", "bad-input-fails-at-once"])

@@ -122,6 +122,23 @@ def test_invalid_spec_fails_without_jobs_and_a_corrected_spec_resumes():
     assert fixed.status["observedGeneration"] == 2
 
 
+def test_a_refused_job_keeps_its_stage_pending_and_the_run_says_why_until_the_job_exists():
+    first = step(make_spec(), None)
+    job = first.jobs[0]
+    refused = {job.name: JobObservation(job.name, 0, "synthesize", "Refused",
+                                        message=f"creating Job {job.name} was refused: 403 Forbidden: exceeded quota")}
+    waiting = step(make_spec(), first.status, refused)
+    record = waiting.status["rounds"][0]["stages"]["synthesize"]
+    assert (record["phase"], record["message"]) == ("Pending", refused[job.name].message)
+    assert waiting.jobs == (job,)  # still wanted: the create is tried again
+    assert waiting.status["phase"] == "Running" and "exceeded quota" in waiting.status["message"]
+    assert cond(waiting.status, c.PROGRESSING)["reason"] == c.JOB_REFUSED
+    running = step(make_spec(), waiting.status, {job.name: JobObservation(job.name, 0, "synthesize", "Active")})
+    assert "message" not in running.status["rounds"][0]["stages"]["synthesize"]
+    assert cond(running.status, c.PROGRESSING)["reason"] == c.STAGE_RUNNING
+    assert "quota" not in running.status["message"]
+
+
 def test_suspend_starts_nothing_new_but_lets_the_running_stage_finish():
     first = step(make_spec(), None)
     job = first.jobs[0]
