@@ -17,7 +17,7 @@ CONDITION_TYPES = (READY, PROGRESSING, SUCCEEDED, FAILED, SUSPENDED)
 # Reasons (CamelCase, as Kubernetes expects).
 STARTING = "Starting"
 STAGE_RUNNING = "StageRunning"
-JOB_REFUSED = "JobCreateRefused"  # the API refused the stage's Job; retried on the next event
+JOB_REFUSED = "JobCreateRefused"  # the API refused the stage's Job; tried again until created
 STAGE_FAILED = "StageFailed"
 RUN_SUCCEEDED = "RunSucceeded"
 INVALID_SPEC = "InvalidSpec"

@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any, Literal, Mapping
 
 from . import conditions as c
-from .lineage import model_uri, run_uri, stage_model, stage_uri
+from .lineage import model_uri, run_uri, stage_model
 from .naming import job_name
 from .spec import STAGES, RunSpec, SpecError
 

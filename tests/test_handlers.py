@@ -1,4 +1,5 @@
-"""The reconciler's memory and filters, one by one (the operator tests run them all together)."""
+"""The kopf wiring's filters and the reconciler's memory, one by one (the operator tests run them
+all together)."""
 from __future__ import annotations
 
 import logging
@@ -6,8 +7,9 @@ import logging
 import kopf
 import pytest
 
-from selfalign.operator.handlers import NoDiffBase, Reconciler, configure, pod_ended
+from selfalign.operator.handlers import NoDiffBase, configure, pod_ended
 from selfalign.operator.kube import compare_resource_versions
+from selfalign.operator.reconciler import Reconciler
 from selfalign.operator.settings import OperatorSettings
 
 

@@ -15,7 +15,7 @@ import kmock
 import pytest
 import yaml
 
-from selfalign.operator import handlers
+from selfalign.operator import reconciler
 from selfalign.operator.handlers import operator_options
 from selfalign.operator.naming import PLURAL, job_name
 from selfalign.operator.spec import STAGES, deep_merge
@@ -132,7 +132,7 @@ async def test_operator_reads_through_its_watches_and_sends_only_writes(cluster)
 
 
 async def test_a_refused_job_create_shows_on_the_run_and_is_tried_again(cluster, monkeypatch):
-    monkeypatch.setattr(handlers, "REFUSAL_BACKOFF", 0.2)
+    monkeypatch.setattr(reconciler, "REFUSAL_BACKOFF", 0.2)
     train = job_name("quota", 0, "train")
     quota = {"full": True}
 
