@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 PVC_ROOT = Path("/mnt/pvc")  # the stage Job mounts each claim at /mnt/pvc/<claim>
 COMPLETE_MARKER = ".selfalign-complete"  # written last into a cache folder: its download finished
 CHUNK = 1 << 20
+S3_DELETE_BATCH = 1000  # keys per DeleteObjects request, the API's limit
 # Standard mode retries throttling (SlowDown, 503), 5xx and connection errors with exponential
 # backoff and jitter (capped at 20 s per wait); 10 attempts ride out a MinIO/Ceph restart of a
 # minute or two. Adaptive mode would add client-side rate limiting, which only pays when many
@@ -336,6 +337,22 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
             target = join(uri, path.relative_to(local_dir).as_posix())
             with _translated("upload", target):
                 _client().upload_file(str(path), bucket, _split_s3(target)[1], Callback=bar.update)
+
+
+def delete_dir(uri: str) -> None:
+    """Remove every object below the folder `uri`; a folder that is not there is already gone."""
+    if _scheme(uri) == "file":
+        if _file_path(uri).exists():
+            shutil.rmtree(_file_path(uri))
+        return
+    # boto3's resource API would batch this too, but it would bypass this module's one client
+    # (endpoint, retries) and its error translation.
+    bucket = _split_s3(uri)[0]
+    keys = list(_s3_sizes(uri))
+    for start in range(0, len(keys), S3_DELETE_BATCH):
+        batch = [{"Key": key} for key in keys[start:start + S3_DELETE_BATCH]]
+        with _translated("delete", uri):
+            _client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
 
 
 def download_dir(uri: str, local_dir: str | Path) -> None:

@@ -13,8 +13,9 @@ with zeroStage 0, where DeepSpeed would only add start-up time. The DeepSpeed co
 before the model is loaded. bf16 on GPU, fp32 on CPU.
 
 Every checkpointSteps steps the Trainer's checkpoint (adapter, optimizer, scheduler, RNG, data
-position) is copied to <out>/checkpoints/checkpoint-<step>/, `complete.json` last; a restarted
-pod downloads the latest complete one and resumes from it. Only global rank 0 writes the adapter
+position) is copied to <out>/checkpoints/checkpoint-<step>/, `complete.json` last, and the older
+ones are then deleted from storage; a restarted pod downloads the latest complete one and resumes
+from it. Only global rank 0 writes the adapter
 and logs; every rank returns the same outcome.
 """
 from __future__ import annotations
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_MARKER = "complete.json"
 LOSS_CURVE_POINTS = 200  # logged points; the manifest keeps the whole curve
 _CHECKPOINT = re.compile(r"/checkpoint-(\d+)/" + re.escape(CHECKPOINT_MARKER) + "$")
+_CHECKPOINT_FOLDER = re.compile(r"/checkpoint-(\d+)/")
 
 
 def run(ctx: StageContext) -> StageOutcome:
@@ -167,6 +169,13 @@ def latest_checkpoint(uris: list[str]) -> int | None:
     return max(steps, default=None)
 
 
+def superseded_checkpoints(uris: list[str], step: int) -> list[int]:
+    """Steps of the checkpoint folders older than `step`, complete or not: once checkpoint `step`
+    is complete, resuming never needs them (the Trainer keeps one locally, save_total_limit 1)."""
+    steps = {int(m.group(1)) for m in map(_CHECKPOINT_FOLDER.search, uris) if m}
+    return sorted(s for s in steps if s < step)
+
+
 def loss_curve(log_history: list[dict]) -> list[list[float]]:
     """[[step, loss], ...] from the Trainer's log history."""
     return [[entry["step"], round(entry["loss"], 6)] for entry in log_history if "loss" in entry]
@@ -254,7 +263,8 @@ class CheckpointUploader(TrainerCallback):
     """Copy each checkpoint the Trainer saves to storage; the completion marker goes last.
 
     Every node's local rank 0 uploads what its ranks wrote (ZeRO shards are per rank), all ranks
-    wait, then global rank 0 writes the marker: a checkpoint without it is never resumed from.
+    wait, then global rank 0 writes the marker (a checkpoint without it is never resumed from) and
+    deletes the checkpoints it supersedes, so storage holds one, as the Trainer's own folder does.
     """
 
     def __init__(self, prefix: str):
@@ -271,6 +281,8 @@ class CheckpointUploader(TrainerCallback):
         if args.process_index == 0:
             storage.write_json(f"{target}/{CHECKPOINT_MARKER}", {"step": step})
             log.info("checkpoint saved step=%d uri=%s", step, target)
+            for old in superseded_checkpoints(storage.list_uris(self.prefix), step):
+                storage.delete_dir(f"{self.prefix}/checkpoint-{old}")
 
 
 class SessionStats(TrainerCallback):

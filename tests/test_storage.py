@@ -139,6 +139,15 @@ def test_dirs_upload_and_download(tmp_path, root):
         storage.download_dir(f"{root}/none", tmp_path / "dst2")
 
 
+def test_delete_dir_removes_the_folder_and_nothing_beside_it(tmp_path, root, monkeypatch):
+    monkeypatch.setattr(storage, "S3_DELETE_BATCH", 1)  # each key its own request: every batch is sent
+    for name in ("run/checkpoint-1/a.bin", "run/checkpoint-1/sub/b.bin", "run/checkpoint-10/a.bin"):
+        storage.write_text(f"{root}/{name}", name)
+    storage.delete_dir(f"{root}/run/checkpoint-1")
+    assert storage.list_uris(f"{root}/run") == [f"{root}/run/checkpoint-10/a.bin"]
+    storage.delete_dir(f"{root}/run/checkpoint-1")  # already gone: nothing to do
+
+
 def test_local_path_downloads_s3_once(tmp_path, s3_bucket):
     src = tmp_path / "src"
     src.mkdir()

@@ -87,6 +87,8 @@ def test_latest_checkpoint_is_the_newest_with_its_marker():
             "s3://b/r/checkpoints/checkpoint-100/optimizer.pt"]  # killed while uploading: no marker
     assert train.latest_checkpoint(uris) == 20
     assert train.latest_checkpoint(uris[3:]) is None
+    assert train.superseded_checkpoints(uris, 20) == [10]
+    assert train.superseded_checkpoints(uris, 100) == [10, 20]  # the new one is complete; no marker needed
 
 
 def test_training_arguments_come_from_the_spec(tiny_model_dir, tmp_path):
@@ -194,6 +196,9 @@ def test_a_killed_stage_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_pat
     before = [[e["step"], round(e["loss"], 6)] for e in saved_state["log_history"] if "loss" in e]
     assert metrics["lossCurve"][:len(before)] == before
     assert metrics["lossCurve"][-1][0] == total
+    # Storage keeps only the newest checkpoint; each one replaced the ones before it.
+    folders = {uri.split("/checkpoints/")[1].split("/")[0] for uri in storage.list_uris(checkpoints)}
+    assert folders == {f"checkpoint-{total}"}
 
     adapter_dir = tmp_path / "adapter"
     storage.download_dir(f"{run_uri}/round-0/train/adapter", adapter_dir)
