@@ -238,10 +238,13 @@ def test_two_nodes_train_as_one_job_and_every_node_checkpoints_its_shards(tiny_m
 
     metrics = storage.read_json(f"{run_uri}/round-0/train/manifest.json")["metrics"]
     assert (metrics["worldSize"], metrics["steps"]) == (2, train.optimizer_steps(64, 8, 1, 2, 2))
-    checkpoint = f"{run_uri}/round-0/train/checkpoints/checkpoint-3"
-    files = {uri.removeprefix(checkpoint + "/") for uri in storage.list_uris(checkpoint)}
-    assert {"rng_state_0.pth", "rng_state_1.pth", "global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "global_step3/zero_pp_rank_1_mp_rank_00_optim_states.pt", "complete.json"} <= files
+    # Checkpoints at steps 3, 6 and the last (8): storage keeps the last, with both ranks' shards.
+    checkpoints = f"{run_uri}/round-0/train/checkpoints"
+    files = {uri.removeprefix(checkpoints + "/") for uri in storage.list_uris(checkpoints)}
+    assert {"checkpoint-8/rng_state_0.pth", "checkpoint-8/rng_state_1.pth",
+            "checkpoint-8/global_step8/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "checkpoint-8/global_step8/zero_pp_rank_1_mp_rank_00_optim_states.pt", "checkpoint-8/complete.json"} <= files
+    assert {f.split("/")[0] for f in files} == {"checkpoint-8"}
     # Rank 0 alone logs the run and publishes the result.
     assert ["training engine=deepspeed" in log for log in logs] == [True, False]
     assert (tmp_path / "result-0.json").exists() and not (tmp_path / "result-1.json").exists()
