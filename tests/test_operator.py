@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sys
+from collections import Counter
 from pathlib import Path
 
 import kmock
@@ -19,7 +21,8 @@ from selfalign.operator import reconciler
 from selfalign.operator.handlers import operator_options
 from selfalign.operator.naming import PLURAL, job_name
 from selfalign.operator.spec import STAGES, deep_merge
-from tests.fixtures.kube import NS, KillSwitch, wait_for
+from tests.fixtures.kube import (FAKE_IMAGE, FAKE_STAGE, NS, STAGE_ENTRYPOINT, WRITES, Cluster, KillSwitch, Kubelet,
+                                 OperatorProcess, bearer_token, api, wait_for)
 
 CRD = Path(__file__).resolve().parents[1] / "crds" / "selfalignrun.yaml"
 FAKE = {"synthesize": lambda r: {"generated": 12 + r, "instructions": 10 + r},
@@ -254,6 +257,39 @@ async def test_fifty_concurrent_runs_all_complete(cluster):
         status = await cluster.wait_phase(name, "Succeeded", "Failed", timeout=150)
         assert status["phase"] == "Succeeded", (name, status.get("message"))
     assert sorted(cluster.job_posts()) == sorted(j for name in names for j in expected_jobs(name, 1))
+
+
+async def test_two_replicas_one_acts_and_the_standby_takes_over_when_it_dies(emulator, tmp_path, fake_images):
+    await api(emulator, "POST", "/apis/kopf.dev/v1/clusterkopfpeerings",
+              {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "selfalign"}})
+    kubelet = Kubelet(emulator, tmp_path / "node", images={FAKE_IMAGE: (STAGE_ENTRYPOINT, (sys.executable, str(FAKE_STAGE)))})
+    kubelet_task = asyncio.create_task(kubelet.run(), name="kubelet")
+    older, newer = OperatorProcess(emulator, peering="selfalign"), OperatorProcess(emulator, peering="selfalign")
+    await older.start()
+    await newer.start()  # the younger replica: lower priority, so it stands by
+    cluster = Cluster(emulator, kubelet, older, kubelet_task)
+    try:
+        kubelet.held.add("train")
+        await cluster.create_run("ha", run_spec(rounds=1))
+        await wait_for(lambda: job_name("ha", 0, "train") in kubelet.waiting, 60, what="train pod waiting")
+
+        def writers() -> Counter:
+            return Counter(bearer_token(r.headers) for r in emulator.log
+                           if r.action in WRITES and r.resource is not None and r.resource.plural in ("jobs", PLURAL))
+
+        assert set(writers()) - {None} == {older.token}  # the standby wrote nothing (None: the test kubelet)
+        await older.kill()  # dead without a goodbye: its peering entry expires after PEERING_LIFETIME s
+        kubelet.held.clear()
+        status = await cluster.wait_phase("ha", "Succeeded", "Failed", timeout=60)
+        assert status["phase"] == "Succeeded", status.get("message")
+        assert writers()[newer.token] > 0
+        assert cluster.job_posts() == expected_jobs("ha", 1)  # one POST per Job across both replicas
+    finally:
+        await newer.stop()
+        await older.stop()
+        kubelet_task.cancel()
+        await asyncio.gather(kubelet_task, return_exceptions=True)
+        await kubelet.stop()
 
 
 def test_operator_options_scope_and_peering():
