@@ -173,6 +173,12 @@ def threshold_rejection(scores: dict | None, rewrite: bool, threshold) -> str | 
     return "below-following" if scores["following"] <= threshold.following else None
 
 
+def score_column(origin: str, name: str) -> str:
+    """Where a judge score is counted: I-SHEEP's rubrics (generated items) and AITP's (rewrites,
+    e.g. "rewriteQuality") judge different things, so their columns stay apart."""
+    return f"rewrite{name[0].upper()}{name[1:]}" if origin == "aitp" else name
+
+
 def summarize(
     candidates: Sequence[Candidate], reasons: dict[str, str | None], scores: dict[str, dict | None]
 ) -> tuple[dict, dict]:
@@ -188,13 +194,13 @@ def summarize(
     rule_rejects = {r: n for r, n in rejects.items() if r not in scoring and r != DUPLICATE}
     kept = sum(r is None for r in reasons.values())
     columns: dict[str, list[float]] = {}
-    for s in scores.values():
-        for name, value in (s or {}).items():
-            columns.setdefault(name, []).append(value)
+    for c in candidates:
+        for name, value in (scores.get(c.id) or {}).items():
+            columns.setdefault(score_column(c.origin, name), []).append(value)
     histograms = {
         name: np.histogram(values, HISTOGRAM_EDGES)[0].tolist()
         for name, values in columns.items()
-        if name != "additionalInfoNeeded"
+        if name != score_column("aitp", "additionalInfoNeeded")  # a probability, not a 1-10 score
     }
     summary = {
         "candidates": len(candidates),
@@ -206,9 +212,9 @@ def summarize(
         "rewritten": sum(c.origin == "aitp" for c in candidates),
         "rewrittenKept": sum(c.origin == "aitp" and reasons[c.id] is None for c in candidates),
     }
-    for name in ("quality", "following"):
+    for name in ("quality", "following", "rewriteQuality"):
         if columns.get(name):
-            summary[f"mean{name.capitalize()}"] = round(float(np.mean(columns[name])), 4)
+            summary[f"mean{name[0].upper()}{name[1:]}"] = round(float(np.mean(columns[name])), 4)
     metrics = {
         "ruleRejects": rule_rejects,
         "rejects": dict(rejects),

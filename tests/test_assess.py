@@ -86,13 +86,14 @@ def test_summary_counts_rules_duplicates_and_histograms():
         and summary["belowThreshold"] == 1
     )
     assert summary["rewritten"] == 1 and summary["rewrittenKept"] == 1
-    assert summary["meanQuality"] == pytest.approx((9.2 + 3.0 + 8.6 + 7.5) / 4, abs=1e-4)
+    # I-SHEEP's rubrics and AITP's are averaged and counted apart.
+    assert summary["meanQuality"] == pytest.approx((9.2 + 3.0 + 8.6) / 3, abs=1e-4)
+    assert summary["meanRewriteQuality"] == 7.5
     assert metrics["ruleRejects"] == {"blacklisted-word": 1}
-    assert metrics["histograms"]["quality"] == [0, 0, 1, 0, 0, 0, 0, 1, 2, 0]  # 3.0, 7.5, 8.6, 9.2
-    assert (
-        sum(metrics["histograms"]["following"]) == 3
-        and "additionalInfoNeeded" not in metrics["histograms"]
-    )
+    assert metrics["histograms"]["quality"] == [0, 0, 1, 0, 0, 0, 0, 0, 2, 0]  # 3.0, 8.6, 9.2
+    assert metrics["histograms"]["rewriteQuality"] == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0]  # 7.5
+    assert sum(metrics["histograms"]["following"]) == 3 and sum(metrics["histograms"]["rewriteDifficulty"]) == 1
+    assert "rewriteAdditionalInfoNeeded" not in metrics["histograms"]
 
 
 @pytest.mark.slow
