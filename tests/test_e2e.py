@@ -7,8 +7,6 @@ real stage commands of the real Job manifests, with storage on a moto S3 server.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -22,7 +20,7 @@ import yaml
 
 from selfalign.operator.spec import STAGES
 from selfalign.stages import storage
-from tests.fixtures.kube import NS, Cluster, Kubelet, OperatorProcess, api
+from tests.fixtures.kube import NS, Cluster, Kubelet, OperatorProcess, api, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[1]
@@ -93,18 +91,9 @@ def test_tiny_example_runs_locally_resumes_after_ctrl_c_and_reports(tmp_path):
 @pytest.fixture
 async def real_cluster(emulator, tmp_path, s3_server):
     """The emulator, a kubelet running the stage images' real commands, and the operator."""
-    kubelet = Kubelet(emulator, tmp_path / "node", images={}, slots=1)
-    task = asyncio.create_task(kubelet.run(), name="kubelet")
-    operator = OperatorProcess(emulator)
-    await operator.start()
-    try:
-        yield Cluster(emulator, kubelet, operator, task)
-    finally:
-        await operator.stop()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await kubelet.stop()
+    async with running(emulator, Kubelet(emulator, tmp_path / "node", images={}, slots=1),
+                       [OperatorProcess(emulator)]) as cluster:
+        yield cluster
 
 
 async def test_tiny_example_through_the_operator_with_real_stages_on_s3(real_cluster, s3_bucket):

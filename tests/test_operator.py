@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -21,8 +20,8 @@ from selfalign.operator import reconciler
 from selfalign.operator.handlers import operator_options
 from selfalign.operator.naming import PLURAL, job_name
 from selfalign.operator.spec import STAGES, deep_merge
-from tests.fixtures.kube import (FAKE_IMAGE, FAKE_STAGE, NS, STAGE_ENTRYPOINT, WRITES, Cluster, KillSwitch, Kubelet,
-                                 OperatorProcess, bearer_token, api, wait_for)
+from tests.fixtures.kube import (NS, WRITES, KillSwitch, OperatorProcess, api, bearer_token, fake_stage_kubelet,
+                                 running, wait_for)
 
 CRD = Path(__file__).resolve().parents[1] / "crds" / "selfalignrun.yaml"
 FAKE = {"synthesize": lambda r: {"generated": 12 + r, "instructions": 10 + r},
@@ -262,13 +261,9 @@ async def test_fifty_concurrent_runs_all_complete(cluster):
 async def test_two_replicas_one_acts_and_the_standby_takes_over_when_it_dies(emulator, tmp_path, fake_images):
     await api(emulator, "POST", "/apis/kopf.dev/v1/clusterkopfpeerings",
               {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "selfalign"}})
-    kubelet = Kubelet(emulator, tmp_path / "node", images={FAKE_IMAGE: (STAGE_ENTRYPOINT, (sys.executable, str(FAKE_STAGE)))})
-    kubelet_task = asyncio.create_task(kubelet.run(), name="kubelet")
+    kubelet = fake_stage_kubelet(emulator, tmp_path / "node")
     older, newer = OperatorProcess(emulator, peering="selfalign"), OperatorProcess(emulator, peering="selfalign")
-    await older.start()
-    await newer.start()  # the younger replica: lower priority, so it stands by
-    cluster = Cluster(emulator, kubelet, older, kubelet_task)
-    try:
+    async with running(emulator, kubelet, [older, newer]) as cluster:  # the newer: lower priority, stands by
         kubelet.held.add("train")
         await cluster.create_run("ha", run_spec(rounds=1))
         await wait_for(lambda: job_name("ha", 0, "train") in kubelet.waiting, 60, what="train pod waiting")
@@ -284,12 +279,6 @@ async def test_two_replicas_one_acts_and_the_standby_takes_over_when_it_dies(emu
         assert status["phase"] == "Succeeded", status.get("message")
         assert writers()[newer.token] > 0
         assert cluster.job_posts() == expected_jobs("ha", 1)  # one POST per Job across both replicas
-    finally:
-        await newer.stop()
-        await older.stop()
-        kubelet_task.cancel()
-        await asyncio.gather(kubelet_task, return_exceptions=True)
-        await kubelet.stop()
 
 
 def test_operator_options_scope_and_peering():
