@@ -31,7 +31,7 @@ import numpy as np
 import threadpoolctl
 
 from selfalign.operator.spec import Coverage
-from selfalign.stages import builtin, coverage_report
+from selfalign.stages import builtin, coverage_report, embeddings
 
 from . import common
 
@@ -69,7 +69,7 @@ def embedding_throughput(scratch: Path, passages: int, questions: int) -> None:
                 if line.strip()][:passages]
     instructions = [json.loads(line)["instruction"] for line in common.T0_QUESTIONS.read_text().splitlines()
                     if line.strip()][:questions]
-    embedder, loading = common.timed(lambda: coverage_report.Embedder(EMBEDDER, scratch))
+    embedder, loading = common.timed(lambda: embeddings.Embedder(EMBEDDER, scratch))
     common.line("embedder", f"{EMBEDDER} ({embedder.dimensions} dims, max_seq_length "
                             f"{embedder.model.max_seq_length}, device {embedder.model.device}), loaded in {loading}")
     embedder.encode(passages[:8])  # warm-up: the first batch pays one-time set-up

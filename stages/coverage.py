@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from . import storage
 from .context import StageContext, StageOutcome
-from .coverage_report import Embedder, alpaca_set, analyse, read_reference, seed_set, write_outputs
+from .coverage_report import alpaca_set, analyse, read_reference, seed_set, write_outputs
+from .embeddings import Embedder
 
 
 def run(ctx: StageContext) -> StageOutcome:

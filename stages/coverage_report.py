@@ -22,7 +22,6 @@ embeddings.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
@@ -43,14 +42,12 @@ from selfalign.operator.spec import Coverage
 
 from . import records, storage
 from .context import StageError
+from .embeddings import Embedder, embed
+from .knn import Neighbours, nearest
 from .records import RecordError
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 128
-TARGET_RECALL = 0.95  # an approximate index probes more lists until recall@k reaches this
-RECALL_SAMPLE = 1000  # queries whose approximate neighbours are checked against exact search
-MAX_NPROBE = 2048  # faiss-gpu's limit on lists probed per query
 GAP_POOL_FACTOR = 2  # gaps are drawn from the 2n lowest-density documents
 PLOT_POINTS = 20_000  # per set: a scatter of millions of points shows nothing more
 SEED = 0
@@ -152,134 +149,6 @@ def alpaca_set(uri: str, new: bool) -> InstructionSet:
     texts = [instruction_text(row["instruction"], row.get("input", ""), row.get("output", ""))
              for row in records.read_instruction_file(uri)]
     return InstructionSet(uri, texts, new)
-
-
-# --- embeddings --------------------------------------------------------------------------------
-
-class Embedder:
-    """A sentence-transformers model (on the GPU when torch sees one); `identity` keys the cache."""
-
-    def __init__(self, uri: str, scratch: str | Path):
-        from sentence_transformers import SentenceTransformer  # loads torch: only when embedding
-
-        self.uri = uri
-        self.model = SentenceTransformer(str(storage.local_path(uri, scratch)))
-
-    @property
-    def identity(self) -> str:
-        return f"{self.uri} max_seq_length={self.model.max_seq_length} normalized"
-
-    @property
-    def dimensions(self) -> int:
-        return self.model.get_embedding_dimension()
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        vectors = self.model.encode(texts, batch_size=BATCH_SIZE, normalize_embeddings=True,
-                                    convert_to_numpy=True, show_progress_bar=True)
-        return np.ascontiguousarray(vectors, dtype=np.float32)
-
-
-def content_key(identity: str, texts: list[str]) -> str:
-    """sha256 of the embedder identity and the texts (length-prefixed, so no two lists collide)."""
-    digest = hashlib.sha256(identity.encode())
-    for text in texts:
-        data = text.encode()
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
-
-
-def embed(embedder: Embedder, texts: list[str], cache: str,
-          scratch: str | Path) -> tuple[np.ndarray, bool]:
-    """Embeddings of `texts` and whether they came from the cache, which keeps them by content key,
-    so an unchanged corpus (the reference, an earlier round's data) is embedded once per storage."""
-    if not texts:
-        return np.zeros((0, embedder.dimensions), np.float32), False
-    uri = storage.join(cache, f"{content_key(embedder.identity, texts)}.npy")
-    if storage.exists(uri):
-        vectors = np.load(storage.local_path(uri, scratch))
-        if vectors.shape == (len(texts), embedder.dimensions):
-            log.info("embeddings from cache texts=%d uri=%s", len(texts), uri)
-            return vectors, True
-        log.warning("cached embeddings of the wrong shape; embedding again uri=%s shape=%s",
-                    uri, vectors.shape)
-    log.info("embedding texts=%d embedder=%s", len(texts), embedder.uri)
-    vectors = embedder.encode(texts)
-    buffer = io.BytesIO()
-    np.save(buffer, vectors)
-    storage.write_bytes(uri, buffer.getvalue())
-    return vectors, False
-
-
-# --- k-nearest neighbours ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Neighbours:
-    similarities: np.ndarray  # (queries, k), best first
-    ids: np.ndarray  # (queries, k): rows of the base; -1 where an approximate index found fewer
-    search: dict  # how: index kind, device, and for an approximate index its measured recall@k
-
-
-def on_device(index: faiss.Index) -> faiss.Index:
-    """The index on every visible GPU with faiss-gpu, else the CPU index unchanged."""
-    return faiss.index_cpu_to_all_gpus(index) if faiss.get_num_gpus() > 0 else index
-
-
-def _device() -> str:
-    return "gpu" if faiss.get_num_gpus() > 0 else "cpu"
-
-
-def _flat(base: np.ndarray) -> faiss.Index:
-    index = faiss.IndexFlatIP(base.shape[1])
-    index.add(base)
-    return index
-
-
-def nearest(base: np.ndarray, queries: np.ndarray, k: int, exact_limit: int) -> Neighbours:
-    """The k most similar rows of `base` for each query: exact up to `exact_limit` base vectors,
-    above it an IVF index whose probe count is widened until recall@k reaches TARGET_RECALL."""
-    k = min(k, len(base))
-    if k == 0:
-        empty = np.zeros((len(queries), 0))
-        return Neighbours(empty.astype(np.float32), empty.astype(np.int64),
-                          {"index": "none", "vectors": 0})
-    if len(base) <= exact_limit:
-        similarities, ids = on_device(_flat(base)).search(queries, k)
-        return Neighbours(similarities, ids,
-                          {"index": "flat", "vectors": len(base), "device": _device()})
-    return _approximate(base, queries, k)
-
-
-def _approximate(base: np.ndarray, queries: np.ndarray, k: int) -> Neighbours:
-    dims = base.shape[1]
-    # ~4 sqrt(n) lists, as the faiss guidelines suggest, with >= 39 training points per list.
-    nlist = max(1, min(int(4 * math.sqrt(len(base))), len(base) // 39))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dims), dims, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.train(base)
-    index.add(base)
-    rng = np.random.default_rng(SEED)
-    sample = queries[rng.choice(len(queries), min(RECALL_SAMPLE, len(queries)), replace=False)]
-    _, exact = on_device(_flat(base)).search(sample, k)
-    nprobe = 1
-    while True:
-        index.nprobe = nprobe
-        recall = recall_at_k(exact, index.search(sample, k)[1])
-        if recall >= TARGET_RECALL or nprobe >= min(nlist, MAX_NPROBE):
-            break
-        nprobe = min(2 * nprobe, nlist, MAX_NPROBE)
-    log.info("approximate index tuned vectors=%d nlist=%d nprobe=%d recall_at_k=%.4f",
-             len(base), nlist, nprobe, recall)
-    similarities, ids = on_device(index).search(queries, k)  # a GPU copy keeps nprobe
-    similarities[ids < 0] = -np.inf
-    return Neighbours(similarities, ids, {
-        "index": "ivf-flat", "vectors": len(base), "device": _device(), "nlist": nlist,
-        "nprobe": nprobe, "recall_at_k": round(recall, 4), "recall_sample": len(sample), "k": k})
-
-
-def recall_at_k(exact: np.ndarray, found: np.ndarray) -> float:
-    """Mean share of each query's exact k neighbours that the approximate search returned."""
-    hits = [len(set(e) & set(f[f >= 0])) for e, f in zip(exact.tolist(), found, strict=True)]
-    return float(np.mean(hits) / exact.shape[1])
 
 
 # --- metrics -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from PIL import Image
 from selfalign.operator.lineage import stage_uri
 from selfalign.operator.spec import Coverage, dump_spec, parse_spec
 from selfalign.stages import coverage_report as cr
-from selfalign.stages import storage
+from selfalign.stages import embeddings, knn, storage
 from selfalign.stages.context import StageContext, StageError
 from selfalign.stages.records import RecordError
 from selfalign.stages.synthesize import read_gaps
@@ -61,7 +61,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 class CountingEmbedder:
     """The real embedder, recording every list of texts it is asked to embed."""
 
-    def __init__(self, inner: cr.Embedder):
+    def __init__(self, inner: embeddings.Embedder):
         self.inner, self.calls = inner, []
 
     def __getattr__(self, name):
@@ -96,7 +96,7 @@ def ws(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embedder(ws):
-    return CountingEmbedder(cr.Embedder(EMBEDDER, ws.scratch))
+    return CountingEmbedder(embeddings.Embedder(EMBEDDER, ws.scratch))
 
 
 def analyse(ws, embedder, sets, reference=None, cache=None, **settings):
@@ -146,8 +146,8 @@ def test_coverage_rises_when_a_missing_domain_is_added(ws, embedder, present_onl
 def test_metrics_match_a_brute_force_computation(ws, embedder, present_only):
     """coverage and SFT density recomputed from the (cached) embeddings with plain numpy."""
     texts = cr.read_reference(ws.reference, ws.scratch).texts
-    reference, cached = cr.embed(embedder, texts, ws.cache, ws.scratch)
-    items, _ = cr.embed(embedder, cr.alpaca_set(ws.present, new=True).texts, ws.cache, ws.scratch)
+    reference, cached = embeddings.embed(embedder, texts, ws.cache, ws.scratch)
+    items, _ = embeddings.embed(embedder, cr.alpaca_set(ws.present, new=True).texts, ws.cache, ws.scratch)
     assert cached
     report = present_only.report
     nearest = (reference @ items.T).max(axis=1)
@@ -203,7 +203,7 @@ def test_map_is_a_valid_png(present_only, tmp_path):
 
 
 def test_reference_is_embedded_once_then_read_from_the_cache(ws, tmp_path):
-    counting = CountingEmbedder(cr.Embedder(EMBEDDER, ws.scratch))
+    counting = CountingEmbedder(embeddings.Embedder(EMBEDDER, ws.scratch))
     rows = ws.reference_rows[::10]  # 20 documents from all 8 domains
     reference = write_jsonl(tmp_path / "reference.jsonl", rows)
     cache = (tmp_path / "cache").as_uri()
@@ -219,15 +219,15 @@ def test_reference_is_embedded_once_then_read_from_the_cache(ws, tmp_path):
     second = analyse(ws, counting, [second_set], reference, cache, gap_docs_per_round=3)
     assert counting.calls == [second_set.texts]  # the reference was not embedded again
     assert second.report["reference"]["embeddings_cached"]
-    key = cr.content_key(counting.identity, [row["text"] for row in rows])
+    key = embeddings.content_key(counting.identity, [row["text"] for row in rows])
     assert storage.exists(storage.join(cache, f"{key}.npy"))
 
 
 def test_cache_key_follows_content_and_embedder():
-    key = cr.content_key("model-a", ["x", "y"])
-    assert key == cr.content_key("model-a", ["x", "y"])
-    others = {cr.content_key("model-b", ["x", "y"]), cr.content_key("model-a", ["x", "z"]),
-              cr.content_key("model-a", ["xy"]), cr.content_key("model-a", ["x", "y", ""])}
+    key = embeddings.content_key("model-a", ["x", "y"])
+    assert key == embeddings.content_key("model-a", ["x", "y"])
+    others = {embeddings.content_key("model-b", ["x", "y"]), embeddings.content_key("model-a", ["x", "z"]),
+              embeddings.content_key("model-a", ["xy"]), embeddings.content_key("model-a", ["x", "y", ""])}
     assert len(others | {key}) == 5
 
 
@@ -237,7 +237,7 @@ def test_approximate_search_records_recall_and_agrees_with_exact(ws, embedder, p
     for name in ("reference", "instructions_new"):
         search = approximate["search"][name]
         assert search["index"] == "ivf-flat" and search["recall_sample"] > 0
-        assert search["recall_at_k"] >= cr.TARGET_RECALL or search["nprobe"] == search["nlist"]
+        assert search["recall_at_k"] >= knn.TARGET_RECALL or search["nprobe"] == search["nlist"]
     exact = present_only.report
     assert approximate["coverage"] == pytest.approx(exact["coverage"], abs=0.02)
     density = exact["sft_density"]["mean"]
@@ -247,7 +247,7 @@ def test_approximate_search_records_recall_and_agrees_with_exact(ws, embedder, p
 def test_recall_at_k_counts_shared_neighbours():
     exact = np.array([[0, 1, 2], [3, 4, 5]])
     found = np.array([[2, 1, 9], [3, -1, -1]])
-    assert cr.recall_at_k(exact, found) == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert knn.recall_at_k(exact, found) == pytest.approx((2 / 3 + 1 / 3) / 2)
 
 
 def test_gaps_are_spread_across_clusters():
