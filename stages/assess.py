@@ -56,9 +56,8 @@ def run(ctx: StageContext) -> StageOutcome:
 
     reasons: dict[str, str | None] = {c.id: rule_rejection(c, rules) for c in candidates}
     deduper = RougeDeduper(spec.assess.dedup.rouge_l, pool)
-    for c in candidates:
-        if reasons[c.id] is None and not deduper.offer(c.instruction):
-            reasons[c.id] = DUPLICATE
+    for c in duplicates([c for c in candidates if reasons[c.id] is None], deduper):
+        reasons[c.id] = DUPLICATE
     survivors = [c for c in candidates if reasons[c.id] is None]
 
     engine = open_engine(
@@ -99,6 +98,24 @@ def run(ctx: StageContext) -> StageOutcome:
             f"({spec.synthesize.instructions_per_round})"
         )
     return StageOutcome(summary=summary, outputs=outputs, metrics=metrics)
+
+
+def duplicates(candidates: Sequence[Candidate], deduper: RougeDeduper) -> list[Candidate]:
+    """The candidates whose instruction is a near-duplicate of the pool or of an earlier one. A
+    Self-Instruct task's instances (several candidates, one instruction) share the decision its
+    instruction got the first time, instead of duplicating each other."""
+    decided: dict[str, bool] = {}  # Self-Instruct instruction -> accepted
+    found = []
+    for c in candidates:
+        if c.origin == "self-instruct" and c.instruction in decided:
+            accepted = decided[c.instruction]
+        else:
+            accepted = deduper.offer(c.instruction)
+            if c.origin == "self-instruct":
+                decided[c.instruction] = accepted
+        if not accepted:
+            found.append(c)
+    return found
 
 
 def rule_rejection(candidate: Candidate, families: Sequence[str]) -> str | None:

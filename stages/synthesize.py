@@ -1,11 +1,12 @@
-"""synthesize: new instructions (Self-Instruct or I-SHEEP), AITP rewrites of gaps, responses.
+"""synthesize: new instructions (Self-Instruct or I-SHEEP), their answers, AITP rewrites of gaps.
 
     python -m selfalign.stages synthesize --spec spec.json --round K --run-uri URI --model M_K
 
 Reads the seeds, every earlier round's assess/kept.jsonl (the machine-generated pool) and, when
-round K-1's coverage stage left them, its gaps.jsonl. Writes candidates.jsonl (one row per
-instruction with its response and provenance) and, for `inverse` seed sampling,
-seed_perplexity.jsonl. METHODS.md sections 1.1-1.2, 2.1-2.2 and 3.5 say what each step follows.
+round K-1's coverage stage left them, its gaps.jsonl. Writes candidates.jsonl (with provenance:
+for Self-Instruct one row per instance of a new task, instances.py; for I-SHEEP and AITP one row
+per instruction with its response) and, for `inverse` seed sampling, seed_perplexity.jsonl.
+METHODS.md sections 1.1-1.5, 2.1-2.2 and 3.5 say what each step follows.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .context import StageContext, StageError, StageOutcome
 from .dedup import RougeDeduper
 from .engines import TOO_LONG, Engine, Prompt, as_prompt, open_engine, template
 from .filters import instruction_rejection, normalize_instruction
+from .instances import generate_instances
 from .parsing import Task
 from .records import Candidate, RecordError, Seed, load_seeds
 
@@ -48,6 +50,18 @@ class Generated:
 
 
 @dataclass(frozen=True)
+class Answered:
+    """An instruction with its answer and provenance: a candidate before the stage numbers it."""
+
+    instruction: str
+    input: str
+    output: str
+    origin: str
+    seed_ids: tuple[str, ...] = ()
+    source_doc_id: str | None = None
+
+
+@dataclass(frozen=True)
 class Rewrite:
     doc_id: str
     question: str
@@ -63,7 +77,7 @@ class GapDoc:
 def run(ctx: StageContext) -> StageOutcome:
     spec, syn = ctx.spec, ctx.spec.synthesize
     seeds = load_seeds(spec.seeds)  # before the engine starts: a bad file fails in a second
-    machine = [parsing.Task(row["instruction"], row.get("input", "")) for row in earlier_kept(ctx)]
+    machine = machine_pool(earlier_kept(ctx))
     gaps = read_gaps(ctx)
     engine = open_engine(
         storage.local_path(ctx.model, ctx.scratch),
@@ -94,44 +108,32 @@ def run(ctx: StageContext) -> StageOutcome:
         engine, spec, seeds, machine, weights, ctx.round
     )
     rewrites, rewrite_drops = rewrite_gaps(engine, spec, gaps, chat)
-    responses = engine.generate(
-        [response_prompt(g.task, chat) for g in generated], syn.response_sampling, desc="responses"
+    answered, answer_metrics, answer_summary = answer_instructions(
+        engine, spec, seeds, generated, chat
     )
+    answered += [
+        Answered(rw.question, "", rw.answer, "aitp", source_doc_id=rw.doc_id) for rw in rewrites
+    ]
 
     sampling = {
         "instruction": syn.instruction_sampling.model_dump(by_alias=True),
         "response": syn.response_sampling.model_dump(by_alias=True),
         "seed": syn.seed,
     }
-    origin = "self-instruct" if spec.recipe == "self-instruct" else "isheep"
     candidates = [
         Candidate(
             f"r{ctx.round}-{i:06d}",
-            g.task.instruction,
-            g.task.input,
-            r.text,
-            origin,
+            a.instruction,
+            a.input,
+            a.output,
+            a.origin,
             ctx.round,
             ctx.model,
-            seed_ids=g.seed_ids,
+            seed_ids=a.seed_ids,
+            source_doc_id=a.source_doc_id,
             sampling=sampling,
         )
-        for i, (g, r) in enumerate(zip(generated, responses))
-        if r.text.strip()
-    ]
-    candidates += [
-        Candidate(
-            f"r{ctx.round}-{len(candidates) + i:06d}",
-            rw.question,
-            "",
-            rw.answer,
-            "aitp",
-            ctx.round,
-            ctx.model,
-            source_doc_id=rw.doc_id,
-            sampling=sampling,
-        )
-        for i, rw in enumerate(rewrites)
+        for i, a in enumerate(answered)
     ]
     if not candidates:
         raise StageError(
@@ -142,12 +144,7 @@ def run(ctx: StageContext) -> StageOutcome:
     outputs["candidates"] = f"{ctx.out}/candidates.jsonl"
     storage.write_jsonl(outputs["candidates"], (c.to_json() for c in candidates))
 
-    metrics.update(
-        rejections=dict(rejections),
-        rewriteDrops=dict(rewrite_drops),
-        emptyResponses=sum(not r.text.strip() for r in responses),
-        truncatedResponses=sum(r.truncated for r in responses),
-    )
+    metrics.update(rejections=dict(rejections), rewriteDrops=dict(rewrite_drops), **answer_metrics)
     summary = {
         "generated": len(candidates),
         "prompts": prompts,
@@ -156,12 +153,22 @@ def run(ctx: StageContext) -> StageOutcome:
         "rewritten": len(rewrites),
         "gapDocs": len(gaps),
         "rejected": sum(rejections.values()),
+        **answer_summary,
     }
     log.info("synthesize done %s", " ".join(f"{k}={v}" for k, v in summary.items()))
     return StageOutcome(summary=summary, outputs=outputs, metrics=metrics)
 
 
 # --- instructions ---------------------------------------------------------------------------------
+
+
+def machine_pool(kept_rows: Sequence[dict]) -> list[Task]:
+    """Earlier rounds' kept tasks, one per instruction (its first row): Self-Instruct keeps up to
+    five instances of a task, and the pool holds tasks, each as likely to be shown as any other."""
+    tasks: dict[str, Task] = {}
+    for row in kept_rows:
+        tasks.setdefault(row["instruction"], Task(row["instruction"], row.get("input", "")))
+    return list(tasks.values())
 
 
 def seed_text(seed: Seed) -> str:
@@ -416,7 +423,58 @@ def rewrite_gaps(
     return rewrites, drops
 
 
-# --- responses ------------------------------------------------------------------------------------
+# --- answers: Self-Instruct's instances, or one response each -------------------------------------
+
+
+def answer_instructions(
+    engine: Engine, spec, seeds: Sequence[Seed], generated: Sequence[Generated], chat: bool
+) -> tuple[list[Answered], dict, dict]:
+    """Self-Instruct answers its new tasks with instances (METHODS.md 1.3-1.5), the other recipes
+    with one response each (2.2). Returns (answered, metrics, summary entries)."""
+    if spec.recipe == "self-instruct":
+        return answer_with_instances(engine, spec.synthesize, seeds, generated)
+    return answer_with_responses(engine, spec.synthesize, generated, chat)
+
+
+def answer_with_instances(
+    engine: Engine, syn, seeds: Sequence[Seed], generated: Sequence[Generated]
+) -> tuple[list[Answered], dict, dict]:
+    """One candidate per kept instance, with its task's instruction and seed ids."""
+    per_task, drops = generate_instances(
+        engine, [g.task for g in generated], seeds, syn.response_sampling, syn.seed
+    )
+    answered = [
+        Answered(g.task.instruction, i.input, i.output, "self-instruct", g.seed_ids)
+        for g, found in zip(generated, per_task)
+        for i in found.instances
+    ]
+    classification = sum(found.classification for found in per_task)
+    metrics = {
+        "classification": classification,
+        "instanceDrops": dict(drops),
+        "tasksWithoutInstances": sum(not found.instances for found in per_task),
+    }
+    return answered, metrics, {"classification": classification, "instances": len(answered)}
+
+
+def answer_with_responses(
+    engine: Engine, syn, generated: Sequence[Generated], chat: bool
+) -> tuple[list[Answered], dict, dict]:
+    """I-SHEEP's step 2: one response per instruction; empty responses are not candidates."""
+    responses = engine.generate(
+        [response_prompt(g.task, chat) for g in generated], syn.response_sampling, desc="responses"
+    )
+    answered = [
+        Answered(g.task.instruction, g.task.input, r.text, "isheep", g.seed_ids)
+        for g, r in zip(generated, responses)
+        if r.text.strip()
+    ]
+    metrics = {
+        "emptyResponses": sum(not r.text.strip() for r in responses),
+        "truncatedResponses": sum(r.truncated for r in responses),
+    }
+    return answered, metrics, {}
+
 
 
 def response_prompt(task: Task, chat: bool) -> Prompt:

@@ -6,8 +6,9 @@ docstrings; what tests of training and merging need. Its text is noise that neve
 `build_toy_llama` (builtin://tiny-llama, the embedded example's model): the same architecture with
 weights *set*, not trained, so that it is a word-level bigram model of a few texts in selfalign's
 prompt formats. It continues a numbered or `###` task list with new tasks combined from a small
-vocabulary, answers with short sentences, writes the JSON that AITP asks for, and as a judge says 7
-or 10 with equal probability. That lets every stage of a campaign really run on a CPU; it shows the
+vocabulary, answers with short sentences, writes the JSON that AITP asks for, says No to
+Self-Instruct's classification check and writes its instances, and as a judge says 7 or 10 with
+equal probability. That lets every stage of a campaign really run on a CPU; it shows the
 pipeline, not quality. How: attention and MLP outputs are zeroed, so the final hidden state is the
 current token's one-hot embedding, and lm_head holds log P(next | current).
 
@@ -75,9 +76,11 @@ def build_tiny_llama(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 64
 
 
 # The toy model's vocabulary: prompt-format pieces (added as whole tokens) and the words its tasks
-# are made of. At most `hidden_size` (128) distinct tokens may appear in its texts.
+# are made of. At most `hidden_size` (128) distinct tokens may appear in its texts (122 do).
 FORMAT_TOKENS = ["\n6. Instruction:", "\n6. Input:\n", "<noinput>", "\n###", "\n9.", "\n10.",
-                 '{"answer":"', '{"questions":["', '","', '"]}', '"}', "||", "your score is:", "\n\n"]
+                 '{"answer":"', '{"questions":["', '","', '"]}', '"}', "||", "your score is:", "\n\n",
+                 "\nTask:", "\nIs it classification?", " Yes", " No", "Example", "\nInput:",
+                 "\nOutput:", "\nClass label:"]
 VERBS = ["Describe", "Explain", "Summarize", "Compare", "Suggest", "List", "Plan", "Rewrite",
          "Classify", "Outline", "Review", "Name"]
 ADJECTIVES = ["quiet", "old", "busy", "small", "green", "famous", "narrow", "sunny", "ancient",
@@ -101,15 +104,38 @@ def toy_texts() -> list[str]:
 
 def format_texts(task: str, fact: str) -> list[str]:
     """One task and one fact in every format the stages prompt for: I-SHEEP's `###` list (with and
-    without input), Self-Instruct's numbered list, a plain answer, AITP's JSON answer and questions."""
-    return [
+    without input), Self-Instruct's numbered list, a plain answer, AITP's JSON answer and questions,
+    and Self-Instruct's classification check and instances (instances.py's formats).
+
+    "Classify ..." tasks are the classification tasks (Yes, and output-first instances); every
+    other task is not (No, and input-first instances, some with an input). The input-first text
+    ends each sentence with a blank line and a second "Example", so that greedy decoding, which
+    follows the most frequent successor of every token, goes from a task's last "." to "Example"
+    and on to "Output:": the toy writes input-first instances greedily, as the self-instruct preset
+    decodes them.
+    """
+    classification = task.startswith(" Classify")
+    takes_input = task.startswith((" Rewrite", " Summarize", " Review"))
+    example_input = f"\nInput:{task}" if takes_input else ""
+    texts = [
         f"\n6. Instruction:{task}\n6. Input:\n<noinput>\n###",
         f"\n6. Instruction:{task}\n6. Input:\n {fact}\n###",
         f"\n9.{task}\n10.{task}\n\n",
         f"\n{fact}\n",
         f'\n{{"answer":"{fact}"}}',
         f'\n{{"questions":["{task.strip()}","{fact}"]}}',
+        f"\nTask:{task}\nIs it classification?{' Yes' if classification else ' No'}",
     ]
+    if classification:
+        texts.append(
+            f"\nTask:{task}\nClass label: Yes\nInput: {fact}\nClass label: No\nInput:{task}\n\n"
+        )
+    else:
+        texts.append(
+            f"\nTask:{task}\n\nExample 1{example_input}\nOutput: {fact}"
+            f"\n\nExample 2\nOutput: {fact}\n\n"
+        )
+    return texts
 
 
 def toy_words() -> list[str]:

@@ -6,7 +6,8 @@ import pytest
 
 from selfalign.operator.spec import Threshold
 from selfalign.stages import storage
-from selfalign.stages.assess import DUPLICATE, rule_rejection, summarize, threshold_rejection
+from selfalign.stages.assess import DUPLICATE, duplicates, rule_rejection, summarize, threshold_rejection
+from selfalign.stages.dedup import RougeDeduper
 from selfalign.stages.records import Candidate
 from tests.test_engine import chain_model_dir  # noqa: F401 - a fixture
 from tests.test_synthesize import base_spec, run_stage, upload_seeds, write_spec
@@ -60,6 +61,20 @@ def test_thresholds_for_generated_and_rewritten_items():
         == "needs-additional-info"
     )
     assert threshold_rejection(None, False, t) == "judge-prompt-too-long"
+
+
+def test_a_self_instruct_tasks_instances_share_its_dedup_decision():
+    pooled = "Describe the old river in one short sentence."
+    items = [
+        candidate("Name three famous rivers of Europe.", "", "Rhine", "self-instruct", "t1"),
+        candidate("Name three famous rivers of Europe.", "", "Danube", "self-instruct", "t2"),  # same task
+        candidate(pooled, "", "It flows.", "self-instruct", "p1"),
+        candidate(pooled, "a map", "It is long.", "self-instruct", "p2"),  # its task was a duplicate
+        candidate("Plan a quiet weekend trip to the sea.", "", "Go.", "isheep", "i1"),
+        candidate("Plan a quiet weekend trip to the sea.", "", "Stay.", "isheep", "i2"),  # not one task
+    ]
+    found = duplicates(items, RougeDeduper(0.7, [pooled]))
+    assert [c.id for c in found] == ["p1", "p2", "i2"]
 
 
 def test_summary_counts_rules_duplicates_and_histograms():

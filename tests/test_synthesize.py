@@ -14,12 +14,14 @@ import pytest
 
 from selfalign.operator.spec import deep_merge, dump_spec, parse_spec
 from selfalign.stages import storage
+from selfalign.stages.instances import MAX_INSTANCES
 from selfalign.stages.parsing import Task
 from selfalign.stages.records import Seed
 from selfalign.stages.synthesize import (
     FIRST_BATCH_YIELD,
     inverse_perplexity_weights,
     isheep_prompt,
+    machine_pool,
     next_batch_size,
     response_prompt,
     sample_examples,
@@ -241,3 +243,58 @@ def test_aitp_rewrites_previous_gap_documents(s3_bucket, tmp_path, chain_model_d
     )
     manifest = storage.read_json(f"{run_uri}/round-1/synthesize/manifest.json")
     assert manifest["summary"] == summary and "rewriteDrops" in manifest["metrics"]
+
+
+@pytest.mark.slow
+def test_self_instruct_candidates_are_instances_of_the_new_tasks(s3_bucket, tmp_path):
+    lines = SEED_TASKS.read_text().splitlines()
+    chosen = [json.loads(line) for line in lines[:6] + lines[148:154]]  # 6 open, 6 classification
+    seeds_uri = f"{s3_bucket}/input/seeds.jsonl"
+    storage.write_jsonl(seeds_uri, chosen)
+    raw = base_spec(
+        "self-instruct",
+        s3_bucket,
+        "builtin://tiny-llama",
+        seeds_uri,
+        synthesize={
+            "instructionsPerRound": 6,
+            "responseSampling": {"temperature": 0.0, "topP": 1.0, "maxTokens": 48},  # the preset's
+        },
+    )
+    spec = write_spec(tmp_path / "spec.json", raw)
+    run_uri = f"{s3_bucket}/ns/si"
+    code, summary, stderr = run_stage(
+        "synthesize", spec, 0, run_uri, "builtin://tiny-llama", tmp_path
+    )
+    assert code == 0, stderr[-3000:]
+    rows = [row for _, row in storage.iter_jsonl(f"{run_uri}/round-0/synthesize/candidates.jsonl")]
+    assert rows and summary["instances"] == summary["generated"] == len(rows)
+    seed_ids = {seed["id"] for seed in chosen}
+    seed_instructions = {seed["instruction"] for seed in chosen}
+    tasks = {row["instruction"] for row in rows}
+    assert len(tasks) <= summary["instructions"] and not tasks & seed_instructions
+    assert len(rows) <= MAX_INSTANCES * len(tasks)
+    for row in rows:
+        assert row["origin"] == "self-instruct" and set(row["seed_ids"]) <= seed_ids
+        assert row["output"].strip() and row["input"] != row["output"]
+        assert not any(marker in row["input"] + row["output"]
+                       for marker in ("Example", "Output:", "Input:", "Task:"))  # parsed out
+    manifest = storage.read_json(f"{run_uri}/round-0/synthesize/manifest.json")
+    metrics = manifest["metrics"]
+    assert 0 <= summary["classification"] == metrics["classification"] <= summary["instructions"]
+    assert set(metrics["instanceDrops"]) <= {
+        "cut-instance", "unparsed-instance", "input-equals-output", "empty-output",
+        "ends-with-colon", "conflicting-outputs", "duplicate-instance", "over-limit",
+        "prompt-too-long",
+    }
+    assert metrics["tasksWithoutInstances"] == summary["instructions"] - len(tasks)
+    assert "emptyResponses" not in metrics  # instances replace I-SHEEP's responses
+
+
+def test_the_machine_pool_holds_each_task_once_however_many_instances_were_kept():
+    kept = [
+        {"instruction": "Square the number.", "input": "2", "output": "4"},
+        {"instruction": "Square the number.", "input": "3", "output": "9"},
+        {"instruction": "Name a river.", "output": "Nile"},
+    ]
+    assert machine_pool(kept) == [Task("Square the number.", "2"), Task("Name a river.")]
