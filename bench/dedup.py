@@ -53,8 +53,13 @@ def load_instructions(path: Path) -> list[str]:
 
 def perturb(text: str, rng: random.Random) -> str:
     """A light edit (drop, swap or insert a few words), as a model restating a task would."""
+    return edit_words(text, rng.randint(0, max(1, len(text.split()) // 4)), rng)
+
+
+def edit_words(text: str, edits: int, rng: random.Random) -> str:
+    """`edits` random word drops, swaps of neighbours, or filler insertions."""
     words = text.split()
-    for _ in range(rng.randint(0, max(1, len(words) // 4))):
+    for _ in range(edits):
         op = rng.random()
         if op < 0.4 and len(words) > 1:
             del words[rng.randrange(len(words))]

@@ -16,7 +16,7 @@ trips).
 Two loads, both reported:
 - paced (the goal's measurement): every stage Pod works for a time drawn uniformly from
   --stage-seconds (default 5-15 s, seeded by the Job's name) before the fast fake stage writes its
-  result, and every Pod runs at once (one node slot per run). 200 runs then make ~20 transitions
+  result, and every Pod runs at once (one node slot per run). 200 runs then make ~12 transitions
   a second, far more than 200 real campaigns whose stages take minutes to hours, so the gap is the
   operator's reaction while it serves R concurrent runs.
 - lockstep (capacity, --capacity-runs): zero-length stages, 4 Pods at a time, so every run is
