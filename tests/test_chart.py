@@ -365,6 +365,21 @@ def _plural(kind: str) -> str:
     return word[:-1] + "ies" if word.endswith("y") else word + "s"
 
 
+def owner_reference_needs() -> set:
+    """Children whose ownerReference has blockOwnerDeletion: the API's
+    OwnerReferencesPermissionEnforcement admission (OpenShift, hardened clusters) then requires
+    `update` on the owner's `finalizers` subresource, else every child create is 403."""
+    from selfalign.operator.jobs import owner_reference
+    from selfalign.operator.naming import GROUP, KIND, PLURAL, VERSION
+
+    ref = owner_reference({"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": "r", "uid": "u"}})
+    return {(GROUP, f"{PLURAL}/finalizers", "update")} if ref.get("blockOwnerDeletion") else set()
+
+
+def operator_needs() -> set:
+    return handler_needs() | client_needs() | owner_reference_needs()
+
+
 def granted(rules: list[dict]) -> set:
     triples = set()
     for rule in rules:
@@ -381,14 +396,15 @@ def rules_of(docs, kind: str, namespace: str | None = None) -> set:
 
 def test_operator_code_calls_are_derived():
     """The derivation itself sees the calls it must (so an empty result cannot pass vacuously)."""
-    needs = handler_needs() | client_needs()
+    needs = operator_needs()
     assert ("selfalign.dev", "selfalignruns", "watch") in needs
     assert ("selfalign.dev", "selfalignruns/status", "patch") in needs
     assert ("batch", "jobs", "create") in needs
+    assert ("selfalign.dev", "selfalignruns/finalizers", "update") in needs  # children block deletion
 
 
 def test_cluster_role_grants_exactly_what_the_operator_calls():
-    code = handler_needs() | client_needs()
+    code = operator_needs()
     assert rules_of(render("default"), "ClusterRole") == code | KOPF_CLUSTER
     assert rules_of(render("clusterwide-ha"), "ClusterRole") == \
         code | KOPF_CLUSTER | kopf_peering("clusterkopfpeerings")
@@ -396,7 +412,7 @@ def test_cluster_role_grants_exactly_what_the_operator_calls():
 
 def test_namespaced_roles_grant_exactly_what_the_operator_calls():
     docs = render("namespaced-ha")
-    code = handler_needs() | client_needs()
+    code = operator_needs()
     assert rules_of(docs, "ClusterRole") == KOPF_CLUSTER | KOPF_NAMESPACES
     for ns in ("team-a", "team-b"):
         assert rules_of(docs, "Role", ns) == code | kopf_peering("kopfpeerings")

@@ -67,6 +67,11 @@ operator/*.py (tests/test_chart.py derives those calls from the code and compare
 - apiGroups: [selfalign.dev]
   resources: [selfalignruns]
   verbs: [get, list, watch]
+# Children set blockOwnerDeletion on their ownerReference to the run: with the
+# OwnerReferencesPermissionEnforcement admission plugin that needs update on the run's finalizers.
+- apiGroups: [selfalign.dev]
+  resources: [selfalignruns/finalizers]
+  verbs: [update]
 # Run status is written through the status subresource only.
 - apiGroups: [selfalign.dev]
   resources: [selfalignruns/status]
