@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Mapping
 
-from .spec import STAGES, deep_merge
+from .spec import STAGES, StageResources
+
+# What the CRD's schema writes into every stored run that leaves a stage's field out (gpus: 0,
+# shmSize, scratchSize): the same defaults as the typed spec's, from which the CRD is generated.
+SCHEMA_DEFAULTS = StageResources().model_dump(by_alias=True, mode="json")
 
 REGISTRY = "ghcr.io/selfalign"
 # Stages that share dependencies share an image: vLLM for synthesize/assess, PEFT+DeepSpeed for
@@ -37,8 +41,21 @@ class OperatorSettings:
     stage_resources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def with_defaults(self, raw_spec: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The run's spec as written, over the operator's default `resources` (the run wins)."""
-        return deep_merge({"resources": dict(self.stage_resources)}, dict(raw_spec or {}))
+        """The run's spec over the operator's default `resources`: a stage field the run sets wins,
+        unless its value is the schema's default. The API server writes those defaults into every
+        stored run, so such a value cannot be told from one left unset; read as the run's own, a
+        chart's `gpus: 1` would always lose to the stored `gpus: 0`."""
+        spec = dict(raw_spec or {})
+        given = spec.get("resources") or {}
+        if not self.stage_resources or not isinstance(given, Mapping):
+            return spec  # nothing to add, or not a mapping: parse_spec names the error
+        resources = dict(given)
+        for stage, defaults in self.stage_resources.items():
+            run = given.get(stage) or {}
+            if isinstance(run, Mapping):
+                resources[stage] = {**run, **{key: value for key, value in defaults.items()
+                                              if run.get(key, SCHEMA_DEFAULTS.get(key)) == SCHEMA_DEFAULTS.get(key)}}
+        return {**spec, "resources": resources}
 
     def __post_init__(self) -> None:
         missing = [stage for stage in STAGES if not self.images.get(stage)]

@@ -15,6 +15,7 @@ from selfalign.operator.naming import LABEL_ROUND, LABEL_RUN, LABEL_STAGE, confi
 from selfalign.operator.planner import EnsureJob
 from selfalign.operator.settings import OperatorSettings, default_images
 from selfalign.operator.spec import STAGES, SpecError, deep_merge, dump_spec, parse_spec
+from tests.fixtures.crd import admit
 
 K8S_VERSION = "1.33"  # podFailurePolicy, backoffLimitPerIndex and podReplacementPolicy are GA here
 NAMESPACE = "research"
@@ -473,6 +474,22 @@ def test_operator_default_stage_resources_apply_unless_the_run_sets_them():
     synth = objects["r-r0-synth"]["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert train["limits"]["nvidia.com/gpu"] == 2 and train["limits"]["memory"] == "96Gi"
     assert synth["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_operator_default_stage_resources_apply_to_a_run_as_the_api_server_stored_it():
+    """The CRD writes gpus: 0, shmSize and scratchSize into every stored run: those values must
+    not hide the operator's defaults (issue 13: the chart's GPUs never reached a Job)."""
+    settings = OperatorSettings.from_env({"SELFALIGN_STAGE_RESOURCES": json.dumps(
+        {stage: {"gpus": 1, "shmSize": "8Gi"} for stage in STAGES})})
+    manifest = admit({"apiVersion": "selfalign.dev/v1alpha1", "kind": "SelfAlignRun", "metadata": {"name": "r"},
+                      "spec": {**BASE_SPEC, "resources": {"merge": {"gpus": 2, "shmSize": "2Gi"}}}})
+    assert manifest["spec"]["resources"]["train"]["gpus"] == 0  # what the API server stored
+    for job in (o for o in jobs.render_round(manifest, 0, settings) if o["kind"] == "Job"):
+        pod = job["spec"]["template"]["spec"]
+        gpus = pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        shm = next(v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "shm")
+        merge = job["metadata"]["labels"][LABEL_STAGE] == "merge"
+        assert (gpus, shm) == ((2, "2Gi") if merge else (1, "8Gi")), job["metadata"]["name"]
 
 
 def test_settings_need_an_image_for_every_stage():
