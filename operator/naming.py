@@ -21,19 +21,22 @@ MAX_NAME = MAX_LABEL - len("-1023")
 
 
 def job_name(run: str, round_: int, stage: str) -> str:
-    """`<run>-r<k>-<stage>`; a long run name is cut and suffixed with a hash of the full name."""
-    suffix = f"-r{round_}-{_STAGE_SHORT[stage]}"
-    if len(run) + len(suffix) <= MAX_NAME:
-        return run + suffix
-    digest = hashlib.sha256(run.encode()).hexdigest()[:8]
-    head = run[: MAX_NAME - len(suffix) - len(digest) - 1].rstrip("-.")
-    return f"{head}-{digest}{suffix}"
+    """`<run>-r<k>-<stage>`."""
+    return _child(run, f"-r{round_}-{_STAGE_SHORT[stage]}")
 
 
 def config_map_name(run: str) -> str:
     """The ConfigMap holding the run's resolved spec for its stage pods."""
-    suffix = "-spec"
-    if len(run) + len(suffix) <= MAX_NAME:
+    return _child(run, "-spec")
+
+
+def _child(run: str, suffix: str) -> str:
+    """`<run><suffix>` when that is a DNS label of at most MAX_NAME characters. A run name may be a
+    DNS subdomain (dots, up to 253 characters), which no Service or pod hostname may be: then the
+    dots become dashes, the name is cut, and a hash of the full name keeps it unique (`team.a`
+    and `team-a` must not share children)."""
+    if "." not in run and len(run) + len(suffix) <= MAX_NAME:
         return run + suffix
     digest = hashlib.sha256(run.encode()).hexdigest()[:8]
-    return f"{run[: MAX_NAME - len(suffix) - 9].rstrip('-.')}-{digest}{suffix}"
+    head = run.replace(".", "-")[: MAX_NAME - len(suffix) - len(digest) - 1].rstrip("-")
+    return f"{head}-{digest}{suffix}"

@@ -24,6 +24,9 @@ STAGE_IMAGE = {"synthesize": "stage-vllm", "assess": "stage-vllm", "train": "sta
                "merge": "stage-train", "coverage": "stage-coverage"}
 IMAGE_ENV = "SELFALIGN_IMAGE_{stage}"
 TTL_ENV = "SELFALIGN_JOB_TTL_SECONDS"
+# A finished Job must outlive any operator outage, or its outcome is never observed and a failed
+# stage's Job is created again and again.
+MIN_JOB_TTL = 3600
 RESOURCES_ENV = "SELFALIGN_STAGE_RESOURCES"  # JSON {stage: {gpus, cpu, memory, ...}} (camelCase)
 
 
@@ -61,8 +64,9 @@ class OperatorSettings:
         missing = [stage for stage in STAGES if not self.images.get(stage)]
         if missing:
             raise ValueError(f"OperatorSettings.images: no image for stage(s) {', '.join(missing)}")
-        if self.job_ttl_seconds < 0:
-            raise ValueError(f"{TTL_ENV}: must be >= 0, got {self.job_ttl_seconds}")
+        if self.job_ttl_seconds < MIN_JOB_TTL:
+            raise ValueError(f"{TTL_ENV}: must be >= {MIN_JOB_TTL} (a finished Job must outlive an "
+                             f"operator outage to be observed), got {self.job_ttl_seconds}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> OperatorSettings:

@@ -3,6 +3,7 @@ to the stage contract (command, spec mount, storage env, multi-node rendezvous).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import PurePosixPath
 
 import kubernetes_validate
@@ -51,7 +52,11 @@ VARIANTS = {
         "uri": "s3://bucket/runs", "endpoint": "http://minio.storage:9000", "region": "eu-west-1",
         "secretRef": {"name": "s3-creds"}}}),
     "long-name": (LONG_NAME, {"train": {"nodes": 2}, "resources": {"train": {"gpus": 4}}}),
+    # A custom resource's name may be a DNS subdomain; a Service or pod hostname may not.
+    "dotted-name": ("team.a-run", {"train": {"nodes": 2}, "resources": {"train": {"gpus": 4}}}),
 }
+DNS_1123_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+DNS_1035_LABEL = r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?"
 
 
 def make_spec(overrides: dict):
@@ -142,6 +147,28 @@ def test_labels_and_owner_reference_on_job_and_pods(variant, stage):
             "uid": f"uid-{run_name}", "controller": True, "blockOwnerDeletion": True}]
         assert obj["metadata"]["namespace"] == NAMESPACE
     assert the_job(build(variant, stage))["spec"]["template"]["metadata"]["labels"] == expected
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_child_names_are_dns_labels_for_any_run_name(variant):
+    """Services are DNS-1035 labels; an Indexed Job's pods get the hostname `<job>-<index>`, and
+    each Job name is its Pods' job-name label: both DNS-1123 labels (issue 13: `team.a-run`)."""
+    run_name, overrides = VARIANTS[variant]
+    spec = make_spec(overrides)
+    objects = [o for stage in STAGES for o in build(variant, stage)]
+    objects.append(jobs.build_config_map(spec, namespace=NAMESPACE, run_name=run_name, owner=owner_for(run_name)))
+    for obj in objects:
+        name = obj["metadata"]["name"]
+        assert re.fullmatch(DNS_1035_LABEL if obj["kind"] == "Service" else DNS_1123_LABEL, name), name
+        if obj["kind"] == "Job":
+            nodes = int(obj["spec"].get("completions") or 1)
+            assert all(re.fullmatch(DNS_1123_LABEL, f"{name}-{index}") for index in range(max(nodes, 1024)))
+            assert re.fullmatch(DNS_1035_LABEL, obj["spec"]["template"]["spec"].get("subdomain", "s"))
+
+
+def test_run_names_that_differ_only_by_a_dot_get_distinct_children():
+    assert job_name("team.a-run", 0, "train") != job_name("team-a-run", 0, "train")
+    assert config_map_name("team.a-run") != config_map_name("team-a-run")
 
 
 def test_label_value_keeps_long_run_names_valid_and_distinct():
@@ -443,10 +470,10 @@ def test_render_round_defaults_the_namespace():
 
 def test_settings_from_env_overrides_images_and_ttl():
     settings = OperatorSettings.from_env({"SELFALIGN_IMAGE_TRAIN": "mirror.test/train:9",
-                                          "SELFALIGN_JOB_TTL_SECONDS": "600"})
+                                          "SELFALIGN_JOB_TTL_SECONDS": "7200"})
     defaults = default_images()
     assert settings.images == {**defaults, "train": "mirror.test/train:9"}
-    assert settings.job_ttl_seconds == 600
+    assert settings.job_ttl_seconds == 7200
     assert OperatorSettings.from_env({}).job_ttl_seconds == 7 * 86400
     assert defaults["synthesize"] == defaults["assess"] and defaults["train"] == defaults["merge"]
     assert defaults["coverage"].startswith("ghcr.io/selfalign/stage-coverage:")
@@ -455,7 +482,9 @@ def test_settings_from_env_overrides_images_and_ttl():
 
 @pytest.mark.parametrize(("environ", "message"), [
     ({"SELFALIGN_JOB_TTL_SECONDS": "a week"}, "SELFALIGN_JOB_TTL_SECONDS: expected a whole number"),
-    ({"SELFALIGN_JOB_TTL_SECONDS": "-1"}, "SELFALIGN_JOB_TTL_SECONDS: must be >= 0"),
+    ({"SELFALIGN_JOB_TTL_SECONDS": "-1"}, "SELFALIGN_JOB_TTL_SECONDS: must be >= 3600"),
+    # A failed Job deleted before the operator saw it would be created again and again.
+    ({"SELFALIGN_JOB_TTL_SECONDS": "0"}, "SELFALIGN_JOB_TTL_SECONDS: must be >= 3600"),
     ({"SELFALIGN_STAGE_RESOURCES": "{gpus: 1}"}, "SELFALIGN_STAGE_RESOURCES: invalid JSON"),
     ({"SELFALIGN_STAGE_RESOURCES": '{"trian": {"gpus": 1}}'}, "SELFALIGN_STAGE_RESOURCES: expected"),
 ])
