@@ -34,6 +34,11 @@ from .reconciler import Cache, Reconciler
 from .settings import OperatorSettings
 
 WATCH_RENEWAL = 600  # seconds
+REQUEST_TIMEOUT, CONNECT_TIMEOUT = 60, 10  # seconds, for kopf's own short requests (as kube.TIMEOUT)
+# Server-side filters for the children's watches: only the operator's Jobs and their Pods cross the
+# wire and fill the indices, not every Job and Pod of the cluster (kopf's `labels=` filters only
+# client-side).
+CHILD_SELECTORS = {("batch", "v1", "jobs"): LABEL_RUN, ("", "v1", "pods"): f"{LABEL_RUN},{LABEL_JOB}"}
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -57,6 +62,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = WATCH_RENEWAL
     settings.watching.client_timeout = WATCH_RENEWAL + 60
+    settings.networking.request_timeout, settings.networking.connect_timeout = REQUEST_TIMEOUT, CONNECT_TIMEOUT
+    for resource, selector in CHILD_SELECTORS.items():
+        settings.watching.label_selectors[resource] = selector
     memo.reconciler = Reconciler(Kube(kubernetes.client.ApiClient()), OperatorSettings.from_env(os.environ))
 
 

@@ -19,13 +19,17 @@ from .planner import Event
 
 COMPONENT = "selfalign-operator"
 CONFLICT, NOT_FOUND = 409, 404
+# Seconds to connect and to wait for a response: a half-open connection must fail the request
+# (and the pass is retried) instead of hanging the pass and every later event of its run.
+TIMEOUT = (10.0, 60.0)
 
 
 class Kube:
     """Writes read the raw response (`_preload_content=False`): the operator never uses what a
     create returns, and building the client's model objects for every Job and Event is costly."""
 
-    def __init__(self, api: kubernetes.client.ApiClient):
+    def __init__(self, api: kubernetes.client.ApiClient, timeout: tuple[float, float] = TIMEOUT):
+        self.timeout = timeout
         self.custom = kubernetes.client.CustomObjectsApi(api)
         self.core = kubernetes.client.CoreV1Api(api)
         self.batch = kubernetes.client.BatchV1Api(api)
@@ -38,7 +42,8 @@ class Kube:
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The run as stored now; None once it is gone."""
         try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                            _request_timeout=self.timeout)
         except ApiException as exc:
             if exc.status == NOT_FOUND:
                 return None
@@ -53,7 +58,7 @@ class Kube:
         body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch}
         try:
             return self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body)
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body, _request_timeout=self.timeout)
         except ApiException as exc:
             if exc.status in (CONFLICT, NOT_FOUND):
                 return None
@@ -63,7 +68,7 @@ class Kube:
         """Create a namespaced object; False when it exists already (an earlier pass made it)."""
         try:
             self._create[obj["kind"]](namespace=obj["metadata"]["namespace"], body=obj,
-                                      _preload_content=False).data
+                                      _preload_content=False, _request_timeout=self.timeout).data
         except ApiException as exc:
             if exc.status == CONFLICT:
                 return False
@@ -78,7 +83,7 @@ class Kube:
         meta = config_map["metadata"]
         try:
             self.core.patch_namespaced_config_map(meta["name"], meta["namespace"], {"data": config_map.get("data", {})},
-                                                  _preload_content=False).data
+                                                  _preload_content=False, _request_timeout=self.timeout).data
         except ApiException as exc:
             if not (exists and exc.status == NOT_FOUND):
                 raise
@@ -99,7 +104,8 @@ class Kube:
             "source": {"component": COMPONENT},
             "reportingComponent": COMPONENT, "reportingInstance": socket.gethostname(),
         }
-        self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False).data
+        self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False,
+                                          _request_timeout=self.timeout).data
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,13 +2,20 @@
 all together)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
+from datetime import UTC, datetime
 
 import kopf
+import kubernetes
 import pytest
+import urllib3
 
 from selfalign.operator.handlers import NoDiffBase, configure, pod_ended
-from selfalign.operator.kube import compare_resource_versions
+from selfalign.operator.kube import Kube, compare_resource_versions
+from selfalign.operator.planner import Event
 from selfalign.operator.reconciler import Reconciler
 from selfalign.operator.settings import OperatorSettings
 
@@ -92,3 +99,70 @@ def test_configure_skips_kopfs_per_event_diff():
     assert isinstance(storage, NoDiffBase)
     body = kopf.Body({"metadata": {"name": "j", "labels": {"a": "b"}}, "spec": {"template": {"spec": {}}}})
     assert storage.build(body=body) == {} and storage.fetch(body=body) is None
+
+
+@pytest.fixture
+def silent_server():
+    """An API server that accepts connections and never answers (a half-open connection)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.05)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+RUN = {"apiVersion": "selfalign.dev/v1alpha1", "kind": "SelfAlignRun",
+       "metadata": {"namespace": "ns", "name": "r", "uid": "u", "resourceVersion": "1"}}
+CALLS = {
+    "get_run": lambda kube: kube.get_run("ns", "r"),
+    "write_status": lambda kube: kube.write_status(RUN, {"phase": "Running"}),
+    "create": lambda kube: kube.create({"kind": "Job", "metadata": {"namespace": "ns", "name": "j"}}),
+    "apply_config_map": lambda kube: kube.apply_config_map({"metadata": {"namespace": "ns", "name": "c"}}, exists=True),
+    "post_event": lambda kube: kube.post_event(RUN, Event("Normal", "R", "m"), datetime.now(UTC)),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_every_api_call_times_out_on_a_server_that_never_answers(silent_server, call):
+    config = kubernetes.client.Configuration()
+    config.host = silent_server
+    kube = Kube(kubernetes.client.ApiClient(config), timeout=(1.0, 0.1))
+    outcome: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            CALLS[call](kube)
+        except BaseException as exc:  # noqa: BLE001 (the outcome is what is checked)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(60)  # a watchdog only: without a timeout the call never returns
+    assert not thread.is_alive(), f"{call} hung"
+    assert isinstance(outcome[0], urllib3.exceptions.HTTPError)
+
+
+def test_configure_filters_the_children_watches_server_side_and_bounds_kopfs_requests():
+    settings = kopf.OperatorSettings()
+    configure(settings=settings, memo=kopf.Memo(), logger=logging.getLogger("test"))
+    jobs = settings.watching.label_selectors.collect(kopf.Resource("batch", "v1", "jobs"))
+    pods = settings.watching.label_selectors.collect(kopf.Resource("", "v1", "pods"))
+    runs = settings.watching.label_selectors.collect(kopf.Resource("selfalign.dev", "v1alpha1", "selfalignruns"))
+    assert jobs == ["selfalign.dev/run"]
+    assert pods == ["selfalign.dev/run,batch.kubernetes.io/job-name"]
+    assert runs == []  # every run is the operator's
+    # kopf's own default is 300 s per request and no separate connect timeout.
+    assert (settings.networking.request_timeout, settings.networking.connect_timeout) == (60, 10)
