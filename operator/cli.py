@@ -1,45 +1,136 @@
 """`selfalign`: one entry point for users, CI pipelines and the operator's container.
 
 Each command is a thin shell over a tested core; imports happen inside the command so that
-`selfalign validate` in a CI job does not load torch or vLLM.
+`selfalign validate` in a CI job does not load torch or vLLM. A mistake in what the user gave
+(a file, a name, a flag, a refused API call) is one line naming it, exit code 2, no traceback
+unless `--debug`.
+
+`status`, `report` and `logs` read local runs from storage, or SelfAlignRuns from a cluster when
+any of `-n`, `-A`, `--kubeconfig` or `--context` is given; `suspend`, `resume` and `retry` always
+talk to a cluster, by changing the run's spec as a GitOps commit would.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
+TERMINAL = ("Succeeded", "Failed")
+POLL_SECONDS = 2.0  # local --watch: status.json is a file, there is no watch to subscribe to
+
+
+class UserError(Exception):
+    """A mistake in what the user gave: printed as one line, exit code 2."""
+
+
+# --- commands ---------------------------------------------------------------------------------
 
 def _run(args: argparse.Namespace) -> int:
     from .local import load_run, run_local
 
+    _check(args.file, cluster=False)
     documents = _manifests(args.file)
     if len(documents) != 1:
-        print(f"{args.file}: expected one SelfAlignRun, found {len(documents)} documents", file=sys.stderr)
-        return 2
+        raise UserError(f"{args.file}: expected one SelfAlignRun, found {len(documents)} documents")
     run = load_run(documents[0], _uri(args.storage) if args.storage else None)
     print(f"run {run.name}: {run.spec.rounds} round(s) of {run.spec.recipe}; artifacts in {run.uri}")
-    return run_local(run, args.scratch)
+    return run_local(run, args.scratch, verbose=args.verbose)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .report import status_command
+    from .report import run_table, runs_table
 
-    return status_command(args.run, _uri(args.storage))
+    if args.run is None:
+        if args.watch and _on_cluster(args):
+            return _watch_list(args)
+        listed = _list(args)
+        _print(listed, args.output, lambda rows: runs_table([r for r, _ in rows]) if rows else _nothing(args),
+               [obj for _, obj in listed])
+        return 0
+    snapshots = _snapshots(args) if args.watch else iter([_one(args)])
+    shown = None
+    for run, obj, artifacts_read in snapshots:
+        if obj != shown:
+            _print(run, args.output, lambda r: run_table(r, artifacts_read).rstrip("\n"), obj)
+            shown = obj
+    return 0 if not args.watch or (shown or {}).get("status", {}).get("phase") == "Succeeded" else 1
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import report_command
+    from .report import read_run, run_location
+    from .report_html import write_report
 
-    return report_command(args.run, args.out, _uri(args.storage))
+    if _on_cluster(args):
+        from . import cluster_view
+
+        obj = cluster_view.get_run(_cluster(args), args.run)
+        found = cluster_view.as_run(obj)
+        found = dataclasses.replace(read_run(found.uri), name=found.name, status=found.status, spec=found.spec)
+    else:
+        found = read_run(run_location(args.run, _uri(args.storage)))
+        if not found.status and not found.manifests:
+            raise UserError(f"no run at {found.uri} (selfalign status lists the runs under {args.storage})")
+    page = write_report(found, args.out)
+    print(f"report of run {found.name} ({found.status.get('phase', 'phase unknown')}): {page}")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    run, _, _ = _one(args)
+    round_, stage = _stage_of(run.status, args.round, args.stage)
+    if _on_cluster(args):
+        from . import cluster_view
+
+        cluster = _cluster(args)
+        job = run.record(round_, stage).get("job")
+        pods = cluster_view.stage_pods(cluster, job) if job else []
+        if not pods:
+            raise UserError(f"run {run.name}: round {round_ + 1} {stage} has no Pod (not started, or deleted "
+                            "with its Job after the Job's TTL)")
+        for pod in pods:
+            if len(pods) > 1:
+                print(f"==> {pod['metadata']['name']} <==")
+            for text in cluster_view.pod_log(cluster, pod["metadata"]["name"], args.follow):
+                print(text, end="", flush=True)
+        return 0
+    from selfalign.stages import storage
+
+    from .local import stage_log_uri
+
+    uri = stage_log_uri(run.uri, round_, stage)
+    if not storage.exists(uri):
+        raise UserError(f"run {run.name}: no log of round {round_ + 1} {stage} at {uri}")
+    print(storage.read_text(uri), end="")
+    return 0
+
+
+def _suspend(args: argparse.Namespace) -> int:
+    return _patch(args, {"suspend": True}, "suspended: the running stage stops; resume continues it")
+
+
+def _resume(args: argparse.Namespace) -> int:
+    return _patch(args, {"suspend": False}, "resumed")
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from . import cluster_view
+
+    obj = cluster_view.get_run(_cluster(args), args.run)
+    retry = int((obj.get("spec") or {}).get("retry") or 0) + 1
+    return _patch(args, {"retry": retry}, f"spec.retry is now {retry}: the failed stage runs again")
 
 
 def _validate(args: argparse.Namespace) -> int:
     from .validate import validate_files
 
-    results = validate_files([str(p) for p in args.files])
+    results = validate_files([str(p) for p in args.files], cluster=not args.local, note=print)
     failed = 0
     for where, errors in results.items():
         if errors:
@@ -58,10 +149,10 @@ def _render(args: argparse.Namespace) -> int:
     from .settings import OperatorSettings
     from .spec import SpecError
 
+    _check(args.file, cluster=True)
     documents = _manifests(args.file)
     if len(documents) != 1:
-        print(f"{args.file}: expected one SelfAlignRun, found {len(documents)} documents", file=sys.stderr)
-        return 1
+        raise UserError(f"{args.file}: expected one SelfAlignRun, found {len(documents)} documents")
     try:
         objects = render_round(documents[0], args.round, OperatorSettings.from_env(os.environ))
     except SpecError as exc:
@@ -98,8 +189,159 @@ def _operator(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- reading runs, locally or from a cluster --------------------------------------------------
+
+def _on_cluster(args: argparse.Namespace) -> bool:
+    return any(getattr(args, flag, None) for flag in ("namespace", "all_namespaces", "kubeconfig", "context"))
+
+
+def _cluster(args: argparse.Namespace):
+    from . import cluster_view
+
+    return cluster_view.connect(args.kubeconfig, args.context, args.namespace)
+
+
+def _list(args: argparse.Namespace) -> list[tuple[Any, dict[str, Any]]]:
+    """(row, object) of every run: SelfAlignRuns, or local runs as SelfAlignRun-shaped objects."""
+    if _on_cluster(args):
+        from . import cluster_view
+
+        objects = cluster_view.list_runs(_cluster(args), args.all_namespaces)
+        return [(cluster_view.row(o, args.all_namespaces), o) for o in objects]
+    from .report import list_runs
+
+    return [(r, _local_object(r.name, r.spec, r.status)) for r in list_runs(_uri(args.storage))]
+
+
+def _nothing(args: argparse.Namespace) -> str:
+    from .local import LOCAL_NAMESPACE
+
+    if not _on_cluster(args):
+        return f"no runs under {_uri(args.storage)}/{LOCAL_NAMESPACE}/"
+    return "no SelfAlignRuns" + ("" if args.all_namespaces else " in this namespace")
+
+
+def _one(args: argparse.Namespace) -> tuple[Any, dict[str, Any], bool]:
+    """(Run, its object, whether its artifacts were read) of the run the user named."""
+    if _on_cluster(args):
+        from . import cluster_view
+
+        obj = cluster_view.get_run(_cluster(args), args.run)
+        return cluster_view.as_run(obj), obj, False
+    from .report import read_run, run_location
+
+    found = read_run(run_location(args.run, _uri(args.storage)))
+    if not found.status and not found.manifests:
+        raise UserError(f"no run at {found.uri} (selfalign status lists the runs under {args.storage})")
+    return found, _local_object(found.name, found.spec, found.status), True
+
+
+def _snapshots(args: argparse.Namespace) -> Iterator[tuple[Any, dict[str, Any], bool]]:
+    """The run each time it changes, until it has finished (for the spec it was last given)."""
+    if _on_cluster(args):
+        from . import cluster_view
+
+        first = _one(args)
+        changes = (_with(cluster_view.as_run(o), o) for o in
+                   cluster_view.watch_runs(_cluster(args), False, args.run))
+    else:
+        first = _one(args)
+        changes = _polled(lambda: _one(args))
+    for snapshot in _chain(first, changes):
+        yield snapshot
+        obj = snapshot[1]
+        status, generation = obj.get("status") or {}, (obj.get("metadata") or {}).get("generation", 1)
+        if status.get("phase") in TERMINAL and status.get("observedGeneration", generation) >= generation:
+            return
+
+
+def _with(run: Any, obj: dict[str, Any]) -> tuple[Any, dict[str, Any], bool]:
+    return run, obj, False
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def _polled(read: Callable[[], Any]) -> Iterator[Any]:
+    while True:
+        time.sleep(POLL_SECONDS)
+        yield read()
+
+
+def _watch_list(args: argparse.Namespace) -> int:
+    """A row per change, as `kubectl get -w` prints them; until Ctrl-C."""
+    from . import cluster_view
+    from .report import runs_table
+
+    listed = _list(args)
+    _print(listed, args.output, lambda rows: runs_table([r for r, _ in rows]), [obj for _, obj in listed])
+    for obj in cluster_view.watch_runs(_cluster(args), args.all_namespaces):
+        row = cluster_view.row(obj, args.all_namespaces)
+        _print(row, args.output, lambda r: runs_table([r]).splitlines()[1], obj)
+    return 0
+
+
+def _local_object(name: str, spec: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    """A local run in the shape of a SelfAlignRun, so `-o json|yaml` reads the same everywhere."""
+    from .local import LOCAL_NAMESPACE
+    from .naming import GROUP, KIND, VERSION
+
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": name, "namespace": LOCAL_NAMESPACE},
+            "spec": spec, "status": status}
+
+
+def _print(value: Any, output: str, table: Callable[[Any], str], obj: Any) -> None:
+    """`table(value)` for people; the object(s) as JSON or YAML for programs."""
+    import yaml
+
+    if isinstance(obj, list):
+        obj = {"apiVersion": "v1", "kind": "List", "items": obj}
+    if output == "json":
+        print(json.dumps(obj, indent=2), flush=True)
+    elif output == "yaml":
+        print(yaml.safe_dump(obj, sort_keys=False) + "---", flush=True)
+    else:
+        print(table(value), flush=True)
+
+
+def _stage_of(status: dict[str, Any], round_: int | None, stage: str | None) -> tuple[int, str]:
+    """(round index, stage): as asked (rounds counted from 1), else where the run is."""
+    from .spec import STAGES
+
+    index = round_ - 1 if round_ is not None else status.get("round")
+    stage = stage or status.get("stage")
+    if index is None or stage is None:
+        raise UserError("the run has not started a stage yet: give --round and --stage")
+    if index < 0 or stage not in STAGES:
+        raise UserError(f"--round counts from 1 and --stage is one of {', '.join(STAGES)}")
+    return index, stage
+
+
+def _patch(args: argparse.Namespace, spec: dict[str, Any], done: str) -> int:
+    from . import cluster_view
+
+    cluster = _cluster(args)
+    cluster_view.patch_spec(cluster, args.run, spec)
+    print(f"{args.run} (namespace {cluster.namespace}): {done}")
+    return 0
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def _check(path: Path, cluster: bool) -> None:
+    """The manifest as `selfalign validate` checks it; its errors as a UserError, one per line."""
+    from .validate import validate_files
+
+    errors = [f"{where}: {error}" for where, found in validate_files([str(path)], cluster=cluster).items()
+              for error in found]
+    if errors:
+        raise UserError("\n".join(errors))
+
+
 def _manifests(path: Path) -> list[dict]:
-    """YAML documents as kubectl reads them (`2e-5` is a number, not a string)."""
+    """YAML documents as kubectl reads them (`2e-5` is a number, not a string); `_check` first."""
     import yaml
 
     from .validate import ManifestLoader
@@ -114,47 +356,86 @@ def _uri(path_or_uri: str) -> str:
     return Path(path_or_uri).resolve().as_uri()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .local import DEFAULT_STORAGE
+# --- the parser -------------------------------------------------------------------------------
 
-    parser = argparse.ArgumentParser(prog="selfalign", description="Iterative LLM self-alignment campaigns.")
+def build_parser() -> argparse.ArgumentParser:
+    from .local import default_storage
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--storage", default=default_storage(),
+                       help="local runs: storage root, a directory or URI (default: %(default)s)")
+    cluster = where.add_argument_group("a cluster instead of local runs (any of these selects it)")
+    cluster.add_argument("-n", "--namespace", help="the runs' namespace (default: the context's)")
+    cluster.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    cluster.add_argument("--context", help="kubeconfig context (default: the current one)")
+
+    on_cluster = argparse.ArgumentParser(add_help=False)
+    on_cluster.add_argument("run", help="the SelfAlignRun's name")
+    on_cluster.add_argument("-n", "--namespace", help="the run's namespace (default: the context's)")
+    on_cluster.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    on_cluster.add_argument("--context", help="kubeconfig context (default: the current one)")
+
+    parser = argparse.ArgumentParser(prog="selfalign", description="Iterative LLM self-alignment campaigns.",
+                                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('selfalign')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("run", help="run a whole campaign on this machine (the local backend)")
+    p = commands.add_parser("run", parents=[common], help="run a whole campaign on this machine (the local backend)")
     p.add_argument("file", type=Path, help="a SelfAlignRun manifest, e.g. examples/tiny.yaml")
     p.add_argument("--storage", help="storage root instead of the spec's (a directory or URI)")
     p.add_argument("--scratch", type=Path, default=Path(os.environ.get("SELFALIGN_SCRATCH",
                    Path.home() / ".cache" / "selfalign")), help="local directory for model files")
+    p.add_argument("-v", "--verbose", action="store_true", help="stream the stages' own logs to the terminal")
     p.set_defaults(func=_run)
 
-    p = commands.add_parser("status", help="where the local runs stand, or one run stage by stage")
-    p.add_argument("run", nargs="?", help="a run name under STORAGE/local, a run folder, or a run URI")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root, a directory or URI (default: %(default)s)")
+    p = commands.add_parser("status", parents=[common, where], help="where the runs stand, or one run stage by stage")
+    p.add_argument("run", nargs="?", help="a run name, a local run folder, or a run URI")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="runs of every namespace (a cluster)")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="print again on every change; one run: until it ends (exit 0 Succeeded, 1 Failed)")
+    p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     p.set_defaults(func=_status)
 
-    p = commands.add_parser("report", help="a static HTML report of a run, readable offline")
-    p.add_argument("run", help="a run name under STORAGE/local, a run folder, or a run URI")
+    p = commands.add_parser("report", parents=[common, where], help="a static HTML report of a run, readable offline")
+    p.add_argument("run", help="a run name, a local run folder, or a run URI")
     p.add_argument("--out", required=True, type=Path, help="directory for index.html")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root, a directory or URI (default: %(default)s)")
-    p.set_defaults(func=_report)
+    p.set_defaults(func=_report, all_namespaces=False)
 
-    p = commands.add_parser("validate", help="check SelfAlignRun manifests offline (CRD schema + typed spec)")
-    p.add_argument("files", nargs="+", type=Path)
+    p = commands.add_parser("logs", parents=[common, where], help="a stage's own log (default: the current stage)")
+    p.add_argument("run", help="a run name, a local run folder, or a run URI")
+    p.add_argument("--round", type=int, help="round, counted from 1 as status shows it")
+    p.add_argument("--stage", help="synthesize, assess, train, merge or coverage")
+    p.add_argument("-f", "--follow", action="store_true", help="a cluster: stream the log while the stage runs")
+    p.set_defaults(func=_logs, all_namespaces=False)
+
+    for name, func, text in (("suspend", _suspend, "set spec.suspend: stop the running stage, start nothing new"),
+                             ("resume", _resume, "clear spec.suspend: continue where the run stopped"),
+                             ("retry", _retry, "raise spec.retry by one: run the failed stage again")):
+        p = commands.add_parser(name, parents=[common, on_cluster], help=text)
+        p.set_defaults(func=func)
+
+    p = commands.add_parser("validate", parents=[common],
+                            help="check SelfAlignRun manifests offline (CRD schema + typed spec); other kinds are skipped")
+    p.add_argument("files", nargs="+", type=Path, help="YAML files; - reads standard input")
+    p.add_argument("--local", action="store_true", help="for `selfalign run`: file:// storage allowed")
     p.set_defaults(func=_validate)
 
-    p = commands.add_parser("render", help="print every object the operator would create for a round")
+    p = commands.add_parser("render", parents=[common], help="print every object the operator would create for a round")
     p.add_argument("file", type=Path)
-    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--round", type=int, default=0, help="round index, from 0 as in the Jobs' names (default: 0)")
     p.set_defaults(func=_render)
 
-    p = commands.add_parser("dedup", help="drop ROUGE-L near-duplicates of a pool from a JSONL file")
+    p = commands.add_parser("dedup", parents=[common], help="drop ROUGE-L near-duplicates of a pool from a JSONL file")
     p.add_argument("--pool", help="JSONL with `instruction` already accepted (optional)")
     p.add_argument("--candidates", required=True, help="JSONL with `instruction`")
     p.add_argument("--out", required=True, help="where the kept rows are written")
     p.add_argument("--threshold", type=float, default=0.7, help="reject when ROUGE-L F1 > this")
     p.set_defaults(func=_dedup)
 
-    p = commands.add_parser("coverage", help="how well an instruction set covers a reference corpus")
+    p = commands.add_parser("coverage", parents=[common], help="how well an instruction set covers a reference corpus")
     p.add_argument("--reference", required=True, help="JSONL with `text` (optional id, domain) or text lines")
     p.add_argument("--instructions", required=True, help="JSONL with `instruction` (optional input, output)")
     p.add_argument("--out", required=True, type=Path, help="directory for report.json, gaps.jsonl, coverage.png")
@@ -164,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedder", default="builtin://all-minilm-l6-v2", help="sentence-transformers model URI")
     p.set_defaults(func=_coverage)
 
-    p = commands.add_parser("operator", help="run the Kubernetes operator (in its Deployment)")
+    p = commands.add_parser("operator", parents=[common], help="run the Kubernetes operator (in its Deployment)")
     p.add_argument("--namespace", action="append", help="watch only these namespaces (repeatable)")
     p.add_argument("--peering", help="kopf peering name; replicas sharing it elect one active operator")
     p.add_argument("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
@@ -175,15 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[Exception], ...]:
-    """Errors that carry a message for the user (bad input, storage): print it, no traceback."""
+    """Errors that carry a message for the user (bad input, storage, the cluster): one line each."""
     from selfalign.stages.context import StageError
 
     from .spec import SpecError
 
-    types: list[type[Exception]] = [StageError, SpecError]
-    storage = sys.modules.get("selfalign.stages.storage")
-    if storage is not None:
-        types.append(storage.StorageError)
+    types: list[type[Exception]] = [UserError, StageError, SpecError]
+    for module, name in (("selfalign.stages.storage", "StorageError"),
+                         ("selfalign.operator.cluster_view", "ClusterError")):
+        if module in sys.modules:
+            types.append(getattr(sys.modules[module], name))
     return tuple(types)
 
 
@@ -191,10 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        return 130
     except Exception as exc:
-        if not isinstance(exc, _user_error_types()):
+        if args.debug or not isinstance(exc, _user_error_types()):
             raise
-        print(f"selfalign {args.command}: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"selfalign {args.command}: {line}", file=sys.stderr)
         return 2
 
 

@@ -6,27 +6,47 @@ result file, plan again. Exit code 2 (bad input) fails the stage at once; other 
 retried up to `spec.backoffLimit` times, as the Job's podFailurePolicy does on a cluster. Status
 is the memory: Ctrl-C stops the running stage, and the same command later resumes where it
 stopped (a stage with a manifest is complete; partial outputs are overwritten).
+
+The terminal gets one line per stage (campaign progress, result, ETA); what the stage itself
+prints (vLLM, DeepSpeed, progress bars) goes to its log file in the run's folder,
+`logs/round-<k>-<stage>.log` (`selfalign logs`), and also to the terminal with `verbose`.
+A run without `spec.storage` lives in the user's data directory (XDG), which survives a reboot.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
+from urllib.parse import unquote, urlparse
 
 from .lineage import run_uri
 from .planner import EnsureJob, JobObservation, plan
-from .spec import RunSpec, dump_spec, parse_spec
+from .spec import STAGES, RunSpec, dump_spec, parse_spec
 
 LOCAL_NAMESPACE = "local"
-DEFAULT_STORAGE = "file:///tmp/selfalign-runs"  # examples/tiny.yaml's storage.uri
 EXIT_BAD_INPUT = 2  # the stage's "retrying cannot help" exit code (stages/__main__.py)
+REFRESH_SECONDS = 1.0  # the running stage's line on a terminal
+BAR_WIDTH = 20
+
+
+def default_storage() -> str:
+    """Where local runs live unless the spec or --storage says otherwise: the user's data
+    directory ($XDG_DATA_HOME, else ~/.local/share), which survives a reboot, unlike /tmp."""
+    home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return (Path(home) / "selfalign" / "runs").as_uri()
+
+
+def stage_log_uri(run_uri: str, round_: int, stage: str) -> str:
+    """The stage's own output (stdout and stderr of every attempt) in the run's folder."""
+    return f"{run_uri}/logs/round-{round_}-{stage}.log"
 
 
 @dataclass(frozen=True)
@@ -43,17 +63,31 @@ class LocalRun:
         return f"{self.uri}/status.json"
 
 
+def with_local_storage(manifest: dict[str, Any], storage_override: str | None = None) -> dict[str, Any]:
+    """The manifest with its storage where the local run keeps it: `storage_override`, else the
+    spec's, else `default_storage()`."""
+    spec = dict(manifest.get("spec") or {})
+    if storage_override or not spec.get("storage"):
+        spec["storage"] = {**(spec.get("storage") or {}), "uri": storage_override or default_storage()}
+    return {**manifest, "spec": spec}
+
+
 def load_run(manifest: dict[str, Any], storage_override: str | None = None) -> LocalRun:
-    """The run named by a SelfAlignRun manifest, optionally with its storage moved elsewhere."""
+    """The run named by a SelfAlignRun manifest, its storage as `with_local_storage` puts it."""
     name = (manifest.get("metadata") or {}).get("name") or "local-run"
-    raw = dict(manifest.get("spec") or {})
-    if storage_override:
-        raw["storage"] = {**(raw.get("storage") or {}), "uri": storage_override}
-    return LocalRun(name, parse_spec(raw))
+    return LocalRun(name, parse_spec(with_local_storage(manifest, storage_override)["spec"]))
 
 
-def run_local(run: LocalRun, scratch: Path, echo: Callable[[str], None] = print) -> int:
-    """Run the campaign to its end; return 0 when it succeeded, 1 when it failed or was stopped."""
+STAGE_COMMAND = (sys.executable, "-m", "selfalign.stages")  # what a stage Job runs
+
+
+def run_local(run: LocalRun, scratch: Path, echo: Callable[[str], None] = print, *, verbose: bool = False,
+              live: IO[str] | None = None, stage_command: tuple[str, ...] = STAGE_COMMAND) -> int:
+    """Run the campaign to its end; return 0 when it succeeded, 1 when it failed, 130 when stopped.
+
+    `echo` gets one line per finished stage; `live` (a terminal) also shows the running stage's
+    line, rewritten every second; `verbose` streams the stages' own output to stdout.
+    """
     from selfalign.stages import storage
 
     status = storage.read_json(run.status_uri) if storage.exists(run.status_uri) else {}
@@ -62,7 +96,8 @@ def run_local(run: LocalRun, scratch: Path, echo: Callable[[str], None] = print)
     spec_file = scratch / f"{run.name}-spec.json"
     spec_file.write_text(json.dumps(dump_spec(run.spec)))
     storage.write_json(f"{run.uri}/spec.json", dump_spec(run.spec))  # for status and report
-    started = time.monotonic()
+    echo(f"stage logs: {run.uri}/logs/ (selfalign logs {run.name} --round K --stage S)")
+    progress = Progress(run.spec.rounds, time.monotonic())
     while True:
         result = plan(run.spec, status, observed, datetime.now(timezone.utc),
                       namespace=LOCAL_NAMESPACE, name=run.name, generation=1)
@@ -70,7 +105,8 @@ def run_local(run: LocalRun, scratch: Path, echo: Callable[[str], None] = print)
             storage.write_json(run.status_uri, result.status)
         status = result.status
         for event in result.events:
-            echo(f"[{_elapsed(started)}] {event.reason}: {event.message}")
+            if event.reason.startswith("Run") and event.reason != "RunRunning":
+                echo(f"[{progress.elapsed()}] {event.message}")
         job = next((j for j in result.jobs if j.name not in observed or observed[j.name].phase == "Active"), None)
         if job is None:
             return 0 if status["phase"] == "Succeeded" else 1
@@ -78,41 +114,134 @@ def run_local(run: LocalRun, scratch: Path, echo: Callable[[str], None] = print)
             # Record the stage as running (and when it started) before it runs, as a Job would show.
             observed[job.name] = JobObservation(job.name, job.round, job.stage, "Active", start_time=_now())
             continue
+        done = sum(1 for entry in status.get("rounds") or [] for record in entry["stages"].values()
+                   if record.get("phase") == "Succeeded")
         try:
-            observed[job.name] = _run_stage(run, job, spec_file, scratch, echo, started)
+            observed[job.name] = _run_stage(run, job, spec_file, scratch, stage_command, verbose,
+                                            _Line(progress, done, job, echo, live))
         except KeyboardInterrupt:
-            echo(f"stopped during round {job.round} stage {job.stage}; run the same command again to resume")
+            echo(f"stopped during round {job.round + 1} {job.stage}; run the same command again to resume")
             return 130
 
 
-def _run_stage(run: LocalRun, job: EnsureJob, spec_file: Path, scratch: Path,
-               echo: Callable[[str], None], started: float) -> JobObservation:
+@dataclass
+class Progress:
+    """The campaign's clock: stage durations seen so far, and what they predict for the rest."""
+
+    rounds: int
+    started: float
+    seconds: dict[str, list[float]] = field(default_factory=dict)  # stage -> durations
+
+    def elapsed(self) -> str:
+        return _clock(time.monotonic() - self.started)
+
+    def eta(self, done: int) -> float | None:
+        """Seconds left after `done` stages: each remaining stage as long as that stage took on
+        average so far (any stage's average where that one has not run yet); None before any."""
+        every = [s for durations in self.seconds.values() for s in durations]
+        if not every:
+            return None
+        order = [stage for _ in range(self.rounds) for stage in STAGES][done:]
+        return sum(_mean(self.seconds.get(stage) or every) for stage in order)
+
+
+@dataclass
+class _Line:
+    """The terminal line of one stage: `[elapsed] [bar] done/total round k/N stage: text, ETA`."""
+
+    progress: Progress
+    done: int  # stages finished before this one
+    job: EnsureJob
+    echo: Callable[[str], None]
+    live: IO[str] | None
+
+    def text(self, state: str, finished: bool, failed: bool = False) -> str:
+        total = self.progress.rounds * len(STAGES)
+        done = self.done + finished
+        bar = "#" * (BAR_WIDTH * done // total) + "-" * (BAR_WIDTH - BAR_WIDTH * done // total)
+        eta = self.progress.eta(done)
+        tail = "" if eta is None or done == total or failed else f"; campaign ETA {_clock(eta)}"
+        return (f"[{self.progress.elapsed()}] [{bar}] {done}/{total} round {self.job.round + 1}/"
+                f"{self.progress.rounds} {self.job.stage}: {state}{tail}")
+
+    def update(self, state: str) -> None:
+        if self.live is not None:
+            width = shutil.get_terminal_size().columns - 1
+            self.live.write("\r" + self.text(state, False)[:width].ljust(width))
+            self.live.flush()
+
+    def finish(self, state: str, succeeded: bool) -> None:
+        if self.live is not None:
+            self.live.write("\r" + " " * (shutil.get_terminal_size().columns - 1) + "\r")
+        self.echo(self.text(state, succeeded, failed=not succeeded))
+
+
+def _run_stage(run: LocalRun, job: EnsureJob, spec_file: Path, scratch: Path, stage_command: tuple[str, ...],
+               verbose: bool, line: _Line) -> JobObservation:
     """Run one stage like a Job with `backoffLimit` retries; return what it shows when it ends."""
-    command = [sys.executable, "-m", "selfalign.stages", job.stage, "--spec", str(spec_file),
-               "--round", str(job.round), "--run-uri", job.run_uri, "--scratch", str(scratch)]
+    from selfalign.stages import storage
+
+    command = [*stage_command, job.stage, "--spec", str(spec_file), "--round", str(job.round),
+               "--run-uri", job.run_uri, "--scratch", str(scratch)]
     if job.model:
         command += ["--model", job.model]
-    failures, start_time = 0, _now()
+    log_uri = stage_log_uri(run.uri, job.round, job.stage)
+    log_path = _local_log(log_uri, scratch / run.name)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    failures, start_time, began = 0, _now(), time.monotonic()
     while True:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, log_path.open("ab") as log:
             result_path = Path(tmp) / "result.json"
             # A private torch.compile cache: concurrent processes sharing /tmp/torchinductor_<user>
             # have been seen to compile each other's half-written kernels.
             env = {"TORCHINDUCTOR_CACHE_DIR": str(scratch / "torchinductor"), **os.environ,
                    "SELFALIGN_RESULT_PATH": str(result_path)}
-            echo(f"[{_elapsed(started)}] round {job.round} {job.stage}: running (attempt {failures + 1})")
-            code = subprocess.run(command, env=env, check=False).returncode
+            log.write(f"=== {_now()} attempt {failures + 1}: {' '.join(command)}\n".encode())
+            log.flush()
+            code = _attempt(command, env, log, verbose, line, f"running (attempt {failures + 1})")
             result = _read_result(result_path)
+        if not log_uri.startswith("file://"):
+            storage.write_bytes(log_uri, log_path.read_bytes())
         if code == 0:
-            echo(f"[{_elapsed(started)}] round {job.round} {job.stage}: done {_brief(result)}")
+            line.progress.seconds.setdefault(job.stage, []).append(time.monotonic() - began)
+            line.finish(f"done in {_clock(time.monotonic() - began)}: {_brief(result)}", True)
             return JobObservation(job.name, job.round, job.stage, "Succeeded", failures=failures, result=result,
                                   start_time=start_time, completion_time=_now())
         failures += 1
         message = result.get("error") or f"exit code {code}"
-        echo(f"[{_elapsed(started)}] round {job.round} {job.stage}: failed: {message}")
-        if code == EXIT_BAD_INPUT or failures > run.spec.backoff_limit:
+        final = code == EXIT_BAD_INPUT or failures > run.spec.backoff_limit
+        line.finish(f"failed{'' if final else ', retrying'}: {message} (log: {log_uri})", False)
+        if final:
             return JobObservation(job.name, job.round, job.stage, "Failed", failures=failures, result=result,
                                   message=message, start_time=start_time, completion_time=_now())
+
+
+def _attempt(command: list[str], env: dict[str, str], log: IO[bytes], verbose: bool, line: _Line,
+             state: str) -> int:
+    """One run of the stage process, its output to `log` (and to stdout when `verbose`)."""
+    if verbose:
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+            for chunk in process.stdout:
+                log.write(chunk)
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+            return process.wait()
+    with subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT) as process:
+        began = time.monotonic()
+        while True:
+            line.update(f"{state} {_clock(time.monotonic() - began)}")
+            try:
+                return process.wait(timeout=REFRESH_SECONDS)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _local_log(log_uri: str, fallback_dir: Path) -> Path:
+    """Where the log is written while the stage runs: in the run's folder when it is on this
+    machine, else in scratch (copied to the run's folder after each attempt)."""
+    if log_uri.startswith("file://"):
+        return Path(unquote(urlparse(log_uri).path))
+    return fallback_dir / "logs" / log_uri.rsplit("/", 1)[-1]
 
 
 def _now() -> str:
@@ -127,9 +256,14 @@ def _read_result(path: Path) -> dict[str, Any]:
 
 
 def _brief(result: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in result.items() if isinstance(v, (int, float, str)))[:200]
+    return " ".join(f"{k}={v}" for k, v in result.items() if isinstance(v, (int, float, str)))[:120]
 
 
-def _elapsed(started: float) -> str:
-    seconds = int(time.monotonic() - started)
-    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _clock(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}" if whole >= 3600 \
+        else f"{whole // 60:02d}:{whole % 60:02d}"

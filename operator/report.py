@@ -11,7 +11,6 @@ never an error. Every key is read with a default because stages add metrics over
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ from .local import LOCAL_NAMESPACE
 from .spec import STAGES
 
 STATUS_FILE = "status.json"
+SPEC_FILE = "spec.json"  # the resolved spec, written by the local runner
 MAP_FILE = "coverage.png"  # stages/coverage_report.py write_outputs
 TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"  # the planner's timestamps
 NOT_STARTED = "-"
@@ -40,6 +40,7 @@ class Run:
     manifests: dict[tuple[int, str], dict[str, Any]]
     maps: dict[int, bytes] = field(default_factory=dict)  # round -> coverage.png
     unreadable: tuple[str, ...] = ()  # files that exist but could not be parsed: "uri: cause"
+    spec: dict[str, Any] = field(default_factory=dict)  # spec.json, or the SelfAlignRun's spec
 
     def record(self, round_: int, stage: str) -> dict[str, Any]:
         """The planner's record of a stage (phase, attempts, times, metrics), or {}."""
@@ -56,6 +57,16 @@ class Run:
 
     def metrics(self, round_: int, stage: str) -> dict[str, Any]:
         return (self.manifests.get((round_, stage)) or {}).get("metrics") or {}
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One line of `selfalign status`: a local run (status.json, spec.json) or a SelfAlignRun."""
+
+    name: str
+    status: dict[str, Any]
+    spec: dict[str, Any]
+    namespace: str | None = None  # shown only when listing several namespaces
 
 
 @dataclass(frozen=True)
@@ -86,45 +97,51 @@ def read_run(uri: str) -> Run:
     from selfalign.stages.records import RecordError
 
     uri = uri.rstrip("/")
-    status, manifests, maps, unreadable = {}, {}, {}, []
+    status, spec, manifests, maps, unreadable = {}, {}, {}, {}, []
     for found in storage.list_uris(uri):
         relative = found[len(uri) :]
         match = _ARTIFACT.match(relative)
         try:
             if relative == f"/{STATUS_FILE}":
                 status = storage.read_json(found)
+            elif relative == f"/{SPEC_FILE}":
+                spec = storage.read_json(found)
             elif match and match[3] == MAP_FILE:
                 maps[int(match[1])] = storage.read_bytes(found)
             elif match:
                 manifests[(int(match[1]), match[2])] = storage.read_json(found)
         except (RecordError, storage.StorageError) as exc:
             unreadable.append(str(exc))
-    return Run(uri.rsplit("/", 1)[-1], uri, status, manifests, maps, tuple(unreadable))
+    return Run(uri.rsplit("/", 1)[-1], uri, status, manifests, maps, tuple(unreadable), spec)
 
 
-def list_runs(storage_root: str) -> list[tuple[str, dict[str, Any]]]:
-    """(name, status) of every local run under `storage_root`, by name; {} for a status.json
-    that cannot be read (one broken run does not hide the others)."""
+def list_runs(storage_root: str) -> list[RunRow]:
+    """Every local run under `storage_root` (a folder with a status.json), by name; {} for a
+    document that cannot be read (one broken run does not hide the others)."""
     from selfalign.stages import storage
     from selfalign.stages.records import RecordError
 
     prefix = f"{storage_root.rstrip('/')}/{LOCAL_NAMESPACE}/"
-    runs = []
+    documents: dict[str, dict[str, dict[str, Any]]] = {}
     for found in storage.list_uris(prefix.rstrip("/")):
         name, _, rest = found[len(prefix) :].partition("/")
-        if rest == STATUS_FILE:
+        if rest in (STATUS_FILE, SPEC_FILE):
             try:
-                runs.append((name, storage.read_json(found)))
+                documents.setdefault(name, {})[rest] = storage.read_json(found)
             except (RecordError, storage.StorageError):
-                runs.append((name, {}))
-    return runs
+                documents.setdefault(name, {})[rest] = {}
+    return [RunRow(name, found[STATUS_FILE], found.get(SPEC_FILE, {}))
+            for name, found in sorted(documents.items()) if STATUS_FILE in found]
 
 
 # --- what the run shows ---------------------------------------------------------------------------
 
 
 def spec_of(run: Run) -> dict[str, Any]:
-    """The run's resolved spec as its latest stage recorded it (manifest inputs), or {}."""
+    """The run's spec (spec.json, or the SelfAlignRun's), else as its latest stage recorded it
+    (manifest inputs), else {}."""
+    if run.spec:
+        return run.spec
     for key in sorted(run.manifests, key=lambda k: (k[0], STAGES.index(k[1])), reverse=True):
         spec = (run.manifests[key].get("inputs") or {}).get("spec")
         if spec:
@@ -334,34 +351,46 @@ def domain_coverage(run: Run) -> dict[str, dict[str, float]]:
 # --- text tables ----------------------------------------------------------------------------------
 
 
-def runs_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
+def position(status: dict[str, Any], rounds: Any) -> str:
+    """Where the run is, counted as a user counts: the second of two rounds is "2/2" (status
+    counts from 0); without the spec's rounds, the round alone."""
+    if status.get("round") is None:
+        return ""
+    return f"{status['round'] + 1}" + (f"/{rounds}" if isinstance(rounds, int) else "")
+
+
+def runs_table(runs: list[RunRow]) -> str:
     """`selfalign status`: one line per run, like `kubectl get sar`."""
+    namespaced = any(r.namespace for r in runs)
     rows = [
-        [
-            name,
-            s.get("phase", "?"),
-            _text(s.get("round")),
-            s.get("stage", ""),
-            _text(s.get("kept")),
-            f"{s['coverage']}%" if s.get("coverage") is not None else "",
-            updated(s) or "",
+        ([r.namespace or ""] if namespaced else [])
+        + [
+            r.name,
+            r.status.get("phase", "?"),
+            position(r.status, r.spec.get("rounds")),
+            r.status.get("stage", ""),
+            _text(r.status.get("kept")),
+            f"{r.status['coverage']}%" if r.status.get("coverage") is not None else "",
+            updated(r.status) or "",
         ]
-        for name, s in runs
+        for r in runs
     ]
-    return _align(["NAME", "PHASE", "ROUND", "STAGE", "KEPT", "COVERAGE", "UPDATED"], rows)
+    headers = ["NAME", "PHASE", "ROUND", "STAGE", "KEPT", "COVERAGE", "UPDATED"]
+    return _align((["NAMESPACE"] if namespaced else []) + headers, rows)
 
 
-def run_table(run: Run) -> str:
-    """`selfalign status RUN`: the run's phase, a line per stage, its message, what is missing."""
+def run_table(run: Run, artifacts_read: bool = True) -> str:
+    """`selfalign status RUN`: the run's phase, a line per stage (rounds counted from 1), its
+    message, and, when its artifacts were read (`artifacts_read`), what is missing."""
     status = run.status
     head = f"run {run.name}: {status.get('phase', 'phase unknown')}"
     if status.get("stage"):
-        # The last round is known once a stage's manifest has recorded the spec.
-        last = f"/{total_rounds(run) - 1}" if spec_of(run) else ""
-        head += f", round {status.get('round', 0)}{last} stage {status['stage']}"
+        # The total is known once the spec is: spec.json, the SelfAlignRun or a stage's manifest.
+        rounds = total_rounds(run) if spec_of(run) else None
+        head += f", round {position({'round': 0, **status}, rounds)} stage {status['stage']}"
     rows = [
         [
-            str(v.round),
+            str(v.round + 1),
             v.stage,
             v.phase,
             _text(v.attempts),
@@ -378,7 +407,8 @@ def run_table(run: Run) -> str:
     )
     if status.get("message"):
         lines.append(f"message: {status['message']}")
-    lines += [f"missing: {note}" for note in missing(run, explained=False)]
+    if artifacts_read:
+        lines += [f"missing: {note}" for note in missing(run, explained=False)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -418,40 +448,3 @@ def _parse(stamp: str | None) -> datetime | None:
         return datetime.strptime(stamp, TIMESTAMP).replace(tzinfo=UTC) if stamp else None
     except (TypeError, ValueError):
         return None
-
-
-# --- the commands ---------------------------------------------------------------------------------
-
-
-def _existing_run(run: str, storage_root: str) -> Run | None:
-    """The run, or None after telling the user where nothing was found."""
-    found = read_run(run_location(run, storage_root))
-    if not found.status and not found.manifests:
-        print(f"no run at {found.uri} (selfalign status lists the runs under {storage_root})", file=sys.stderr)
-        return None
-    return found
-
-
-def status_command(run: str | None, storage_root: str) -> int:
-    """`selfalign status [RUN]`: every local run under the storage root, or one run in detail."""
-    if run is None:
-        runs = list_runs(storage_root)
-        print(runs_table(runs) if runs else f"no runs under {storage_root}/{LOCAL_NAMESPACE}/")
-        return 0
-    found = _existing_run(run, storage_root)
-    if found is None:
-        return 2
-    print(run_table(found), end="")
-    return 0
-
-
-def report_command(run: str, out_dir: Path, storage_root: str) -> int:
-    """`selfalign report RUN --out DIR`: DIR/index.html, one self-contained page."""
-    from .report_html import write_report
-
-    found = _existing_run(run, storage_root)
-    if found is None:
-        return 2
-    page = write_report(found, out_dir)
-    print(f"report of run {found.name} ({found.status.get('phase', 'phase unknown')}): {page}")
-    return 0

@@ -13,7 +13,8 @@ import copy
 import functools
 import importlib.resources
 import re
-from typing import Any, Iterable
+import sys
+from typing import Any, Callable, Iterable, TextIO
 
 import celpy
 import jsonschema
@@ -24,6 +25,7 @@ from .spec import DNS_SUBDOMAIN, SpecError, parse_spec
 
 API_VERSION = f"{GROUP}/{VERSION}"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+STDIN = "(stdin)"  # how results name the file "-"
 
 
 class ManifestLoader(yaml.SafeLoader):
@@ -300,31 +302,73 @@ def _line(node: yaml.Node, path: str) -> int:
     return line
 
 
-def validate_files(paths: Iterable[str]) -> dict[str, list[str]]:
-    """Validate every document of multi-document YAML files; keys are `file#docindex`.
+def cluster_errors(doc: Any) -> list[str]:
+    """Where a manifest that `selfalign run` accepts cannot work on a cluster: every file:// URI.
+
+    A file:// path exists on one machine; the stage pods of a cluster run neither share it nor see
+    it. `selfalign run` (the local backend) accepts file://, so `validate_manifest` does too.
+    """
+    spec = doc.get("spec") if isinstance(doc, dict) else None
+    return [f"{_path(['spec', *where])}: {value} is a path on one machine: "
+            + ("the stage pods of a cluster run cannot share it; use s3://"
+               if where == ["storage", "uri"] else "the stage pods cannot read it; use s3:// or pvc://")
+            + " (file:// works only with `selfalign run`: check such a file with `selfalign validate --local`)"
+            for where, value in _strings(spec, []) if value.startswith("file://")]
+
+
+def _strings(value: Any, where: list[Any]) -> Iterable[tuple[list[Any], str]]:
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, child in value.items():
+            yield from _strings(child, where + [key])
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            yield from _strings(child, where + [index])
+
+
+def is_other_kind(doc: Any) -> str | None:
+    """`apiVersion/kind` of a document that is some other object (a folder of manifests holds
+    ConfigMaps, Kustomizations...), else None: a SelfAlignRun, or a broken one, is checked."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str) or doc["kind"] == KIND:
+        return None
+    api_version = str(doc.get("apiVersion", ""))
+    return None if api_version.split("/")[0] == GROUP else f"{api_version}/{doc['kind']}"
+
+
+def validate_files(paths: Iterable[str], *, cluster: bool = True, stdin: TextIO | None = None,
+                   note: Callable[[str], None] = lambda _: None) -> dict[str, list[str]]:
+    """Validate every SelfAlignRun in multi-document YAML files ("-" is standard input); keys are
+    `file#docindex`. Other kinds of objects are skipped, each with a `note`. `cluster`: also
+    refuse what only the local backend can run (`cluster_errors`).
 
     Each error line ends with the line in the file it points at.
     """
     results: dict[str, list[str]] = {}
     loader = ManifestLoader("")
     for path in paths:
+        path = STDIN if path == "-" else path
         try:
-            text = open(path, encoding="utf-8").read()
+            text = (stdin or sys.stdin).read() if path == STDIN else open(path, encoding="utf-8").read()
         except OSError as exc:
             results[f"{path}#0"] = [f"(file): cannot read: {exc.strerror}"]
             continue
-        index = 0  # of the document being read, so a YAML error names it too
+        index = skipped = 0  # index: of the document being read, so a YAML error names it too
         try:
             for node in yaml.compose_all(text, Loader=ManifestLoader):
                 doc = loader.construct_document(node)
-                if doc is not None:  # an empty document, as kubectl skips it
+                if (other := is_other_kind(doc)) is not None:
+                    note(f"{path}#{index}: skipped: {other} is not a {KIND}")
+                    skipped += 1
+                elif doc is not None:  # an empty document, as kubectl skips it
+                    errors = validate_manifest(doc) + (cluster_errors(doc) if cluster else [])
                     results[f"{path}#{index}"] = [f"{error} (line {_line(node, error.split(': ', 1)[0])})"
-                                                  for error in validate_manifest(doc)]
+                                                  for error in errors]
                 index += 1
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
             results[f"{path}#{index}"] = [f"(yaml): {getattr(exc, 'problem', None) or exc}{where}"]
-        if not any(key.startswith(f"{path}#") for key in results):
+        if not skipped and not any(key.startswith(f"{path}#") for key in results):
             results[f"{path}#0"] = [f"(file): no {KIND} in this file"]
     return results

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from matplotlib.figure import Figure
 from PIL import Image
-from selfalign.operator import report
+from selfalign.operator import cli, report
 from selfalign.operator.local import load_run
 from selfalign.operator.planner import JobObservation, plan
 from selfalign.operator.report_html import render, write_report
@@ -175,11 +175,14 @@ def build_run(
     fail_at: tuple[int, str] | None = None,
     stop_at: tuple[int, str] | None = None,
 ) -> Path:
-    """A run of examples/tiny.yaml under storage/local/name: planner status + stage manifests."""
+    """A run of examples/tiny.yaml under storage/local/name: spec.json, planner status and stage
+    manifests, as the local runner writes them."""
     manifest = yaml.safe_load(TINY.read_text())
     manifest["metadata"]["name"] = name
     run = load_run(manifest, storage.as_uri())
     folder = storage / "local" / name
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text(json.dumps(dump_spec(run.spec)))
     status, observed, now = {}, {}, START
     while True:
         result = plan(run.spec, status, observed, now, namespace="local", name=name, generation=1)
@@ -227,7 +230,6 @@ def build_run(
             job.name, job.round, job.stage, "Succeeded", result=summary
         )
         now += timedelta(seconds=45)
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "status.json").write_text(json.dumps(status))
     return folder
 
@@ -246,9 +248,14 @@ def pages(storage, tmp_path_factory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("reports")
     found = {}
     for name in ("done", "broken", "fresh"):
-        assert report.report_command(name, out / name, storage.as_uri()) == 0
+        assert cli.main(["report", name, "--out", str(out / name), "--storage", storage.as_uri()]) == 0
         found[name] = (out / name / "index.html").read_text()
     return found
+
+
+def status(storage_uri: str, *run: str) -> int:
+    """`selfalign status [RUN] --storage URI`, in this process."""
+    return cli.main(["status", *run, "--storage", storage_uri])
 
 
 def images(page: str) -> list[str]:
@@ -265,21 +272,28 @@ def section(page: str, anchor: str) -> str:
 
 
 def test_status_lists_every_local_run_with_phase_position_kept_and_coverage(storage, capsys):
-    assert report.status_command(None, storage.as_uri()) == 0
+    assert status(storage.as_uri()) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["NAME", "PHASE", "ROUND", "STAGE", "KEPT", "COVERAGE", "UPDATED"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert rows["done"][1:6] == ["Succeeded", "1", "coverage", "16", "50.0%"]
-    assert rows["broken"][1:6] == ["Failed", "1", "assess", "18", "40.0%"]
-    assert rows["fresh"][1:4] == ["Running", "0", "synthesize"]
+    assert rows["done"][1:6] == ["Succeeded", "2/2", "coverage", "16", "50.0%"]
+    assert rows["broken"][1:6] == ["Failed", "2/2", "assess", "18", "40.0%"]
+    assert rows["fresh"][1:4] == ["Running", "1/2", "synthesize"]
     assert rows["done"][6] == "2026-11-21T09:07:30Z"  # ten stages, 45 s apart
 
 
-def test_status_of_a_run_without_manifests_shows_the_round_without_a_total(storage, capsys):
-    assert report.status_command("fresh", storage.as_uri()) == 0
+def test_status_of_a_run_without_manifests_takes_the_rounds_from_its_spec(storage, capsys):
+    assert status(storage.as_uri(), "fresh") == 0
     out = capsys.readouterr().out
-    assert out.startswith("run fresh: Running, round 0 stage synthesize\n")
-    assert re.search(r"^0 +synthesize +Pending +0 +-$", out, re.M)
+    assert out.startswith("run fresh: Running, round 1/2 stage synthesize\n")
+    assert re.search(r"^1 +synthesize +Pending +0 +-$", out, re.M)
+
+
+@pytest.mark.parametrize("status, rounds, shown", [
+    ({"round": 1}, 2, "2/2"), ({"round": 0}, 3, "1/3"), ({"round": 0}, None, "1"), ({}, 2, ""),
+])
+def test_the_position_counts_rounds_from_one(status, rounds, shown):
+    assert report.position(status, rounds) == shown
 
 
 def test_status_lists_a_run_whose_status_cannot_be_read_beside_the_others(
@@ -291,38 +305,38 @@ def test_status_lists_a_run_whose_status_cannot_be_read_beside_the_others(
     ):
         (tmp_path / "local" / name).mkdir(parents=True)
         (tmp_path / "local" / name / "status.json").write_text(text)
-    assert report.status_command(None, tmp_path.as_uri()) == 0
+    assert status(tmp_path.as_uri()) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert [row[:2] for row in rows] == [["fine", "Succeeded"], ["garbled", "?"]]
 
 
 def test_status_without_runs_says_where_it_looked(tmp_path, capsys):
-    assert report.status_command(None, tmp_path.as_uri()) == 0
+    assert status(tmp_path.as_uri()) == 0
     assert f"no runs under {tmp_path.as_uri()}/local/" in capsys.readouterr().out
 
 
 def test_status_of_a_run_shows_every_stage_with_duration_and_key_metric(storage, capsys):
-    assert report.status_command("done", storage.as_uri()) == 0
+    assert status(storage.as_uri(), "done") == 0
     out = capsys.readouterr().out
-    assert out.startswith("run done: Succeeded, round 1/1 stage coverage\n")
+    assert out.startswith("run done: Succeeded, round 2/2 stage coverage\n")
     rows = [line.split(None, 5) for line in out.splitlines() if re.match(r"^\d\s", line)]
     assert [(row[0], row[1], row[2], row[3], row[4]) for row in rows] == [
-        (str(k), stage, "Succeeded", "1", "42s") for k in range(2) for stage in STAGES
+        (str(k), stage, "Succeeded", "1", "42s") for k in (1, 2) for stage in STAGES
     ]
     results_ = {(row[0], row[1]): row[5] for row in rows}
-    assert results_[("0", "synthesize")] == "generated 24, instructions 24, rewrites 0, rejected 9"
-    assert results_[("1", "assess")] == "kept 16/24 (67%)"
-    assert results_[("1", "train")] == "loss 2.200 -> 1.500, steps 6, 1,234 tok/s"
-    assert results_[("0", "merge")] == "max |logit diff| 4.2e-07"
-    assert results_[("1", "coverage")] == "coverage 50.0% (before 40.0%)"
+    assert results_[("1", "synthesize")] == "generated 24, instructions 24, rewrites 0, rejected 9"
+    assert results_[("2", "assess")] == "kept 16/24 (67%)"
+    assert results_[("2", "train")] == "loss 2.200 -> 1.500, steps 6, 1,234 tok/s"
+    assert results_[("1", "merge")] == "max |logit diff| 4.2e-07"
+    assert results_[("2", "coverage")] == "coverage 50.0% (before 40.0%)"
     assert "message: 2 rounds finished" in out and "missing:" not in out
 
 
 def test_status_of_a_failed_run_shows_the_failure_and_the_missing_manifest(storage, capsys):
-    assert report.status_command("broken", storage.as_uri()) == 0
+    assert status(storage.as_uri(), "broken") == 0
     out = capsys.readouterr().out
-    assert out.startswith("run broken: Failed, round 1/1 stage assess\n")
-    failed = next(line for line in out.splitlines() if line.split()[:2] == ["1", "assess"])
+    assert out.startswith("run broken: Failed, round 2/2 stage assess\n")
+    failed = next(line for line in out.splitlines() if line.split()[:2] == ["2", "assess"])
     assert "Failed" in failed and failed.endswith(f"error: {ASSESS_ERROR[:80]}...")
     assert f"message: round 1 stage assess failed after 1 attempt(s): {ASSESS_ERROR}\n" in out
     assert "missing:" not in out and "round 1 train" not in out  # the message says why
@@ -337,8 +351,9 @@ def test_a_run_is_found_by_name_by_uri_or_by_folder(storage, monkeypatch):
 
 
 def test_status_of_an_unknown_run_fails_with_where_it_looked(storage, capsys):
-    assert report.status_command("nope", storage.as_uri()) == 2
-    assert f"no run at {storage.as_uri()}/local/nope" in capsys.readouterr().err
+    assert status(storage.as_uri(), "nope") == 2
+    assert capsys.readouterr().err == (f"selfalign status: no run at {storage.as_uri()}/local/nope "
+                                       f"(selfalign status lists the runs under {storage.as_uri()})\n")
 
 
 # --- selfalign report -----------------------------------------------------------------------------
@@ -412,7 +427,7 @@ def test_report_of_a_run_that_has_just_started_says_each_plot_has_no_data(pages)
         assert '<p class="missing">No data: ' in section(page, anchor), anchor
     assert "No stage has started" not in page  # the pending synthesize record is a row
     assert "round 0 synthesize: no manifest (pending)" in section(page, "missing")
-    assert "0 finished; total not recorded yet" in section(page, "summary")
+    assert "0 of 2 finished" in section(page, "summary")  # spec.json gives the total
 
 
 def test_report_reads_a_run_by_uri_without_status_json(storage, tmp_path):
@@ -455,7 +470,7 @@ def test_an_unreadable_manifest_is_named_and_the_rest_still_reports(storage, tmp
 
 
 def test_report_of_an_unknown_run_fails_and_writes_nothing(storage, tmp_path, capsys):
-    assert report.report_command("nope", tmp_path / "out", storage.as_uri()) == 2
+    assert cli.main(["report", "nope", "--out", str(tmp_path / "out"), "--storage", storage.as_uri()]) == 2
     assert not (tmp_path / "out").exists()
     assert "no run at" in capsys.readouterr().err
 

@@ -1,0 +1,90 @@
+"""The local runner's terminal, logs and storage, with the fake stage in place of the real ones.
+
+A whole two-round campaign of examples/tiny.yaml takes about a second this way; the real stages
+through the same runner are tests/test_e2e.py's.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfalign.operator import cli
+from selfalign.operator.local import Progress, default_storage, load_run, run_local
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = (sys.executable, str(REPO / "tests" / "fake_stage.py"))
+LINE = re.compile(r"^\[\d\d:\d\d\] \[[#-]{20}\] (\d+)/10 round (\d)/2 (\w+): (.*)$")
+
+
+def tiny(storage: Path):
+    return load_run(yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text()), storage.as_uri())
+
+
+def campaign(tmp_path: Path, **kwargs) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    code = run_local(tiny(tmp_path / "runs"), tmp_path / "scratch", lines.append, stage_command=FAKE, **kwargs)
+    return code, lines
+
+
+def test_a_campaign_prints_one_line_per_stage_and_keeps_the_stage_output_in_its_log(tmp_path, capfd):
+    code, lines = campaign(tmp_path)
+    assert code == 0
+    stages = [LINE.match(line) for line in lines[1:-1]]
+    assert all(stages), lines
+    assert [(int(m[1]), int(m[2]), m[3]) for m in stages] == [
+        (n, 1 + (n - 1) // 5, stage) for n, stage in
+        enumerate(["synthesize", "assess", "train", "merge", "coverage"] * 2, start=1)]
+    assert all(m[4].startswith("done in ") for m in stages)
+    assert "campaign ETA" in stages[0][4] and "campaign ETA" not in stages[-1][4]
+    assert lines[-1].endswith("2 rounds finished; model " + tiny(tmp_path / "runs").uri + "/models/round-2")
+    assert "fake synthesize" not in capfd.readouterr().out  # the stages' own output is in their logs
+    log = tmp_path / "runs" / "local" / "tiny" / "logs" / "round-1-train.log"
+    assert "fake train round=1 recipe=isheep" in log.read_text()
+
+
+def test_verbose_streams_the_stages_own_output(tmp_path, capfd):
+    code, _ = campaign(tmp_path, verbose=True)
+    assert code == 0
+    assert "fake coverage round=1 recipe=isheep" in capfd.readouterr().out
+
+
+def test_a_failed_stage_names_its_cause_and_its_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL", "train")
+    monkeypatch.setenv("FAKE_FAIL_CODE", "2")
+    code, lines = campaign(tmp_path)
+    assert code == 1
+    log_uri = tiny(tmp_path / "runs").uri + "/logs/round-0-train.log"
+    assert LINE.match(lines[3])[4] == f"failed: train round 0: fake failure for the test (log: {log_uri})"
+
+
+def test_logs_prints_a_stage_log_of_a_local_run(tmp_path, capsys):
+    campaign(tmp_path)
+    capsys.readouterr()
+    storage = (tmp_path / "runs").as_uri()
+    assert cli.main(["logs", "tiny", "--storage", storage, "--round", "2", "--stage", "merge"]) == 0
+    assert "fake merge round=1" in capsys.readouterr().out
+    assert cli.main(["logs", "tiny", "--storage", storage]) == 0  # the run's last stage
+    assert "fake coverage round=1" in capsys.readouterr().out
+
+
+def test_the_eta_is_each_remaining_stage_at_its_average_so_far():
+    progress = Progress(rounds=2, started=0.0)
+    assert progress.eta(0) is None
+    progress.seconds = {"synthesize": [10.0, 20.0], "assess": [4.0]}
+    every = (10 + 20 + 4) / 3  # a stage not seen yet: the average of every stage so far
+    # left after 2 stages: round 1's train, merge, coverage, then all five of round 2
+    assert progress.eta(2) == pytest.approx(3 * every + 15 + 4 + 3 * every)
+
+
+def test_runs_without_storage_live_in_the_users_data_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_storage() == (tmp_path / "data" / "selfalign" / "runs").as_uri()
+    manifest = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
+    manifest["spec"].pop("storage", None)
+    assert load_run(manifest).uri == f"{default_storage()}/local/tiny"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert default_storage() == (Path.home() / ".local" / "share" / "selfalign" / "runs").as_uri()
