@@ -23,8 +23,7 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-T0_QUESTIONS = SHARED_DATA / "bench" / "t0-questions.jsonl"
+T0_QUESTIONS = REPO / "bench" / "data" / "t0-questions.jsonl"
 
 
 def cpu_model() -> str:

@@ -1,6 +1,11 @@
 """Shared fixtures live in tests/fixtures/, one module per concern (each owned by its area)."""
 import os
 import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import confinement
 
 # Nothing in the test suite may reach a network or a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,3 +23,13 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.kube",
 ]
+
+READ_GUARD = confinement.install(Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture(autouse=True)
+def reads_stay_in_the_repository():
+    """Fails a test that read beside the repository, even where the code swallowed the error."""
+    yield
+    seen, READ_GUARD.seen[:] = list(READ_GUARD.seen), []
+    assert not seen, f"read outside the repository: {seen}"

@@ -69,8 +69,8 @@ def test_render_prints_every_object_of_the_round(tmp_path):
 
 
 def test_coverage_writes_report_gaps_and_map_for_any_instruction_set(tmp_path):
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "reference" / "t0-passages.jsonl"
-    rows = [json.loads(line) for line in shared.read_text().splitlines()]
+    passages = Path(__file__).resolve().parent / "data" / "t0-passages.jsonl"
+    rows = [json.loads(line) for line in passages.read_text().splitlines()]
     reference = [r for r in rows if r["domain"] == "imdb"][:6] + [r for r in rows if r["domain"] == "sciq"][:6]
     write_jsonl(tmp_path / "reference.jsonl", reference)
     write_jsonl(tmp_path / "sft.jsonl", [{"instruction": f"Summarise this review: {r['text'][:200]}", "output": "ok"}

@@ -1,6 +1,6 @@
 """Coverage stage and `selfalign coverage` core, on real T0 passages with the real MiniLM embedder.
 
-The reference is 8 domains x 25 passages of ../shared/data/reference/t0-passages.jsonl; the
+The reference is 8 domains x 25 passages of tests/data/t0-passages.jsonl; the
 instruction set is made from other passages of 4 of those domains only (first sentence asked
 about, the passage as the answer), so the other 4 are the gaps a correct scorer must find.
 Embeddings land in one module-wide cache: the reference is embedded once for the whole module.
@@ -29,7 +29,7 @@ from selfalign.stages.records import RecordError
 from selfalign.stages.synthesize import read_gaps
 
 REPO = Path(__file__).resolve().parents[1]
-PASSAGES = REPO.parent / "shared" / "data" / "reference" / "t0-passages.jsonl"
+PASSAGES = REPO / "tests" / "data" / "t0-passages.jsonl"
 PRESENT = ("imdb", "cnn_dailymail", "dbpedia_14", "adversarial_qa")
 MISSING = ("quarel", "glue_qqp", "ropes", "app_reviews")
 DOCS = 25  # per domain in the reference; the next DOCS passages of a domain become instructions

@@ -12,7 +12,7 @@ from bench.dedup import edit_words
 from selfalign.stages import storage
 from selfalign.stages.dedup import RougeDeduper, dedup_file, rouge_l, rouge_tokens
 
-QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bench" / "t0-questions.jsonl"
+QUESTIONS = Path(__file__).resolve().parents[1] / "bench" / "data" / "t0-questions.jsonl"
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 

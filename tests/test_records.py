@@ -18,7 +18,7 @@ from selfalign.stages.records import (
     to_alpaca,
 )
 
-SEED_TASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
+SEED_TASKS = Path(__file__).resolve().parents[1] / "stages" / "data" / "seed_tasks.jsonl"
 
 
 def jsonl(tmp_path, *lines: str) -> str:

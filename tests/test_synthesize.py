@@ -29,9 +29,7 @@ from selfalign.stages.synthesize import (
 )
 from tests.test_engine import CHAIN_CONTEXT, chain_model_dir  # noqa: F401 - a fixture
 
-SEED_TASKS = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
-)
+SEED_TASKS = Path(__file__).resolve().parents[1] / "stages" / "data" / "seed_tasks.jsonl"
 
 
 def seeds(count: int) -> list[Seed]:
