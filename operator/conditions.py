@@ -21,6 +21,7 @@ JOB_REFUSED = "JobCreateRefused"  # the API refused the stage's Job; tried again
 STAGE_FAILED = "StageFailed"
 RUN_SUCCEEDED = "RunSucceeded"
 INVALID_SPEC = "InvalidSpec"
+STATUS_REJECTED = "StatusRejected"  # the API refused the status a pass computed; failed until the spec changes
 SUSPENDED_BY_USER = "SuspendedByUser"
 NOT_SUSPENDED = "NotSuspended"
 

@@ -6,8 +6,8 @@ is), `plan`, write the status once (only if it changed, through the status subre
 child exists), create what the plan needs (409 = done), then post the plan's Events. The API sees
 only writes. Nothing polls on a fixed period: the run's own watch (whose initial listing also
 resumes every run after a restart) and its children's watches are the triggers; a Pod matters only
-when it ends. Watches are renewed every 10 minutes, which re-delivers every object: the safety net
-for a pass that failed on a transient API error.
+when it ends. A renewed watch resumes from its last resourceVersion and re-delivers nothing, so
+the reconciler retries a failed pass itself and resyncs every unfinished run periodically.
 
 Two replicas: kopf peering. `selfalign operator --peering NAME` makes peering mandatory (the Helm
 chart installs the ClusterKopfPeering, or a KopfPeering per watched namespace); each replica's
@@ -57,7 +57,8 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
+              job_pods: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
     settings.posting.enabled = False  # the reconciler posts its own Events, one per transition
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = WATCH_RENEWAL
@@ -66,6 +67,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     for resource, selector in CHILD_SELECTORS.items():
         settings.watching.label_selectors[resource] = selector
     memo.reconciler = Reconciler(Kube(kubernetes.client.ApiClient()), OperatorSettings.from_env(os.environ))
+    memo.reconciler.resync(Cache(runs, run_jobs, job_pods), logger)
+
+
+@kopf.on.cleanup()
+def stop(memo: kopf.Memo, **_: Any) -> None:
+    """No retry or resync pass outlives the operator."""
+    memo.reconciler.close()
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -134,9 +142,11 @@ def owning_run(body: Mapping[str, Any]) -> str | None:
 
 
 def _facts(body: kopf.Body) -> dict[str, Any]:
-    """What observe.py reads of a Job or Pod; the rest of the body is not kept in memory."""
+    """What observe.py and the reconciler read of a Job or Pod (who controls it: children are bound
+    to their owner's uid); the rest of the body is not kept in memory."""
     meta = body.metadata
-    return {"metadata": {"name": meta.name, "labels": dict(meta.labels),
+    return {"metadata": {"name": meta.name, "uid": meta.uid, "labels": dict(meta.labels),
+                         "ownerReferences": [dict(ref) for ref in meta.get("ownerReferences") or ()],
                          "annotations": dict(meta.annotations),
                          "creationTimestamp": meta.get("creationTimestamp")},
             "status": dict(body.get("status") or {})}

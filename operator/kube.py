@@ -6,6 +6,7 @@ handler thread still running after its operator died) gets 409 instead of moving
 """
 from __future__ import annotations
 
+import json
 import socket
 import time
 from datetime import datetime
@@ -18,7 +19,7 @@ from .naming import GROUP, KIND, PLURAL, VERSION
 from .planner import Event
 
 COMPONENT = "selfalign-operator"
-CONFLICT, NOT_FOUND = 409, 404
+CONFLICT, NOT_FOUND, INVALID = 409, 404, 422
 # Seconds to connect and to wait for a response: a half-open connection must fail the request
 # (and the pass is retried) instead of hanging the pass and every later event of its run.
 TIMEOUT = (10.0, 60.0)
@@ -37,6 +38,11 @@ class Kube:
             "Job": self.batch.create_namespaced_job,
             "Service": self.core.create_namespaced_service,
             "ConfigMap": self.core.create_namespaced_config_map,
+        }
+        self._read: dict[str, Callable[..., Any]] = {
+            "Job": self.batch.read_namespaced_job,
+            "Service": self.core.read_namespaced_service,
+            "ConfigMap": self.core.read_namespaced_config_map,
         }
 
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -75,17 +81,28 @@ class Kube:
             raise
         return True
 
-    def apply_config_map(self, config_map: Mapping[str, Any], *, exists: bool = False) -> None:
-        """Create the ConfigMap, or bring its data to the current spec when it exists (`exists`:
-        the caller applied it before, so the patch goes first)."""
-        if not exists and self.create(config_map):
-            return
+    def controller_uid(self, obj: Mapping[str, Any]) -> str | None:
+        """The uid of the controller of the stored object with this one's kind and name; None when
+        it has none or is gone."""
+        meta = obj["metadata"]
+        try:
+            response = self._read[obj["kind"]](meta["name"], meta["namespace"], _preload_content=False,
+                                               _request_timeout=self.timeout)
+        except ApiException as exc:
+            if exc.status == NOT_FOUND:
+                return None
+            raise
+        refs = (json.loads(response.data).get("metadata") or {}).get("ownerReferences") or ()
+        return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
+
+    def update_config_map(self, config_map: Mapping[str, Any]) -> None:
+        """Bring the ConfigMap's data to the current spec; create it if it is gone."""
         meta = config_map["metadata"]
         try:
             self.core.patch_namespaced_config_map(meta["name"], meta["namespace"], {"data": config_map.get("data", {})},
                                                   _preload_content=False, _request_timeout=self.timeout).data
         except ApiException as exc:
-            if not (exists and exc.status == NOT_FOUND):
+            if exc.status != NOT_FOUND:
                 raise
             self.create(config_map)
 

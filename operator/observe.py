@@ -72,6 +72,28 @@ def observe_job(job: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> JobObs
     return JobObservation(phase="Active", **common)
 
 
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the object's controller (its ownerReference with controller: true)."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or ():
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+def observe_foreign(job: Mapping[str, Any]) -> JobObservation | None:
+    """A Job with a stage Job's name that this run does not control: an earlier run of the same
+    name, deleted but not yet collected. Its stage waits (nothing of it is read) until it is gone."""
+    meta = job.get("metadata", {})
+    labels = meta.get("labels") or {}
+    try:
+        round_, stage = int(labels[LABEL_ROUND]), labels[LABEL_STAGE]
+    except (KeyError, ValueError):
+        return None
+    message = (f"Job {meta['name']} exists but belongs to another run (owner uid {controller_uid(job) or 'none'}), "
+               "e.g. a deleted run of this name: it is created once the garbage collector has deleted that one")
+    return JobObservation(meta["name"], round_, stage, "Refused", message=message)
+
+
 def _deciding_pod(pods: list[Mapping[str, Any]], phase: str) -> Mapping[str, Any] | None | object:
     """The newest Pod that ended in `phase` (rank 0's for an Indexed Job), None when there is none
     (the Pods are gone, or none ended that way), _UNSETTLED while any Pod has not terminated."""

@@ -17,10 +17,17 @@ Rules, in the order the code applies them:
    create it (quota, admission policy), the stage stays Pending and the run says why.
 4. `suspend` starts nothing new; a stage already running finishes.
 5. Raising `rounds` after success continues the run.
+6. A status the API rejects (a schema bound, etcd's size limit) fails the run with the API's
+   message (`status_rejected`), and it stays failed until its spec changes (a new generation).
+
+On a cluster the run's storage prefix carries its uid (`storage_prefix`): a run deleted and
+created again under the same name (the only way to change `model.base` or `seeds`) starts afresh
+and never reads the earlier run's outputs as its own.
 """
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Mapping
@@ -32,6 +39,10 @@ from .spec import STAGES, RunSpec, SpecError
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 MAX_MESSAGE = 4096  # status messages stay readable and far below the CRD's 32768-character cap
+# A stage record keeps at most this much of its result (JSON): 100 rounds x 5 stages of records
+# stay at half of etcd's 1.5 MiB object limit (the rest: managedFields, conditions), and the full
+# summary is in the stage's manifest.
+MAX_METRICS = 1024
 FINAL_STAGE_PHASES = (SUCCEEDED, FAILED)
 
 
@@ -88,8 +99,11 @@ def plan(
     namespace: str,
     name: str,
     generation: int,
+    uid: str | None = None,
 ) -> Plan:
     old = dict(status or {})  # read only; every change goes to the copy
+    if _rejected(old, generation):
+        return Plan(copy.deepcopy(old))
     new = copy.deepcopy(old)
     ts = _timestamp(now)
     new["observedGeneration"] = generation
@@ -101,7 +115,7 @@ def plan(
         _set_phase(new, conds, FAILED, c.INVALID_SPEC, message, generation, ts)
         return Plan(new, (), _events(old, new))
 
-    run = run_uri(spec, namespace, name)
+    run = storage_prefix(spec, namespace, name, uid)
     rounds: list[dict[str, Any]] = new.setdefault("rounds", [])
     _fold_observations(rounds, observed, ts)
     _summarise(new, rounds, spec, run)
@@ -148,6 +162,44 @@ def plan(
     return Plan(new, tuple(jobs), _events(old, new))
 
 
+def status_rejected(status: Mapping[str, Any] | None, message: str, now: datetime, *, generation: int) -> Plan:
+    """The API refused the status a pass computed: the run fails, with the API's own message, on
+    the status it last stored (which the API took), so that one can be written."""
+    old = dict(status or {})
+    new = copy.deepcopy(old)
+    new["observedGeneration"] = generation
+    _set_phase(new, new.setdefault("conditions", []), FAILED, c.STATUS_REJECTED,
+               f"the API rejected the run's status: {message}", generation, _timestamp(now))
+    return Plan(new, (), _events(old, new))
+
+
+def storage_prefix(spec: RunSpec, namespace: str, name: str, uid: str | None) -> str:
+    """`<storage.uri>/<namespace>/<name>/<uid>` for a run with a uid (on a cluster); the local
+    backend's runs have none and keep `<storage.uri>/<namespace>/<name>`."""
+    run = run_uri(spec, namespace, name)
+    return f"{run}/{uid}" if uid else run
+
+
+def _rejected(old: Mapping[str, Any], generation: int) -> bool:
+    """Failed because the API rejected its status, and the spec is the same as then."""
+    failed = next((cond for cond in old.get("conditions") or () if cond.get("type") == c.FAILED), {})
+    return failed.get("reason") == c.STATUS_REJECTED and old.get("observedGeneration") == generation
+
+
+def _bounded(result: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The scalar fields of a stage's result, in order, up to MAX_METRICS bytes of JSON."""
+    kept: dict[str, Any] = {}
+    size = 2
+    for key, value in (result or {}).items():
+        if not isinstance(value, (bool, int, float, str)):
+            continue
+        item = len(json.dumps({key: value})) - 1
+        if size + item > MAX_METRICS:
+            continue
+        kept[key], size = value, size + item
+    return kept
+
+
 def _round_entry(rounds: list[dict[str, Any]], round_: int) -> dict[str, Any]:
     while len(rounds) <= round_:
         rounds.append({"round": len(rounds), "stages": {}})
@@ -185,14 +237,14 @@ def _fold_observations(rounds: list[dict[str, Any]], observed: Mapping[str, JobO
                 record.setdefault("startTime", seen.start_time or ts)
             elif seen.phase == "Succeeded":
                 record.update(phase=SUCCEEDED, attempts=seen.failures + 1,
-                              completionTime=seen.completion_time or ts, metrics=dict(seen.result or {}))
+                              completionTime=seen.completion_time or ts, metrics=_bounded(seen.result))
                 record.setdefault("startTime", seen.start_time or record["completionTime"])
             else:
                 record.update(phase=FAILED, attempts=max(seen.failures, 1),
                               completionTime=seen.completion_time or ts,
                               message=(seen.message or "the Job failed")[:MAX_MESSAGE])
                 if seen.result:
-                    record["metrics"] = dict(seen.result)
+                    record["metrics"] = _bounded(seen.result)
                 record.setdefault("startTime", seen.start_time or record["completionTime"])
 
 

@@ -4,12 +4,23 @@
 one at a time, coalescing the events that arrive during a pass into one more pass. A pass reads
 kopf's indices (`Cache`), calls the pure planner, and acts through `Kube`, the one module that
 talks to the API.
+
+Events alone are not enough on a real API server: kopf does not retry `on.event` handlers, and a
+renewed watch resumes from its last resourceVersion, so nothing is delivered again. A failed pass
+is therefore tried again with capped exponential backoff (`retry_delay`), and every unfinished run
+is reconciled every RESYNC seconds whatever happens. Both are hand-rolled timers: kopf's retries
+belong to its changing handlers (which persist progress on the run, a write per pass) and its
+timers put a finalizer on every run (which then cannot be deleted while the operator is down).
+
+A run's children are bound to its uid: a Job, Service or ConfigMap with the right name but another
+controller (a deleted run of the same name, not yet collected) is never adopted; its stage waits.
 """
 from __future__ import annotations
 
 import json
 import threading
 import time
+import urllib3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Mapping
@@ -18,15 +29,33 @@ from kubernetes.client.exceptions import ApiException
 
 from . import metrics
 from .jobs import build_config_map, build_stage_objects, owner_reference
-from .kube import Kube, compare_resource_versions
+from .kube import INVALID, Kube, compare_resource_versions
 from .naming import config_map_name
-from .observe import observe_jobs
-from .planner import EnsureJob, Event, JobObservation, plan
+from .observe import controller_uid, observe_foreign, observe_jobs
+from .planner import FINAL_STAGE_PHASES, EnsureJob, Event, JobObservation, plan, status_rejected
 from .settings import OperatorSettings
 from .spec import RunSpec, SpecError, parse_spec
 
 EXPECTATION_TTL = 300.0  # seconds a created Job may take to show up in the index (as kube-controller-manager)
 REFUSAL_BACKOFF = 30.0  # seconds before a refused Job create is tried again
+RETRY_BASE, RETRY_CAP = 1.0, 60.0  # seconds: a failed pass is tried again after 1, 2, 4, ... 60 s
+RESYNC = 300.0  # seconds: every unfinished run is reconciled at least this often
+TRANSIENT = (ApiException, urllib3.exceptions.HTTPError)  # an API error, a timeout, a reset
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before the next try after a run's `failures`-th failed pass in a row."""
+    return min(RETRY_BASE * 2 ** max(failures - 1, 0), RETRY_CAP)
+
+
+def unfinished_runs(runs: Mapping) -> list[tuple[str, str]]:
+    """The runs the resync reconciles: every run not Succeeded or Failed."""
+    return [key for key, bodies in list(runs.items())
+            if any((body.get("status") or {}).get("phase") not in FINAL_STAGE_PHASES for body in bodies)]
+
+
+class Taken(Exception):
+    """A child's name is held by an object this run does not control."""
 
 
 @dataclass(frozen=True)
@@ -46,18 +75,41 @@ class Reconciler:
     wrote it (newer than the watch until its echo arrives), each run's parsed spec and its
     ConfigMap as applied. And one observation the cluster cannot give back: which Job creates the
     API refused, and why (the planner keeps the stage Pending and says so; tried again after
-    REFUSAL_BACKOFF)."""
+    REFUSAL_BACKOFF). It also schedules the passes no event asks for: a failed one again after
+    `retry_delay`, and every unfinished run every RESYNC seconds."""
 
     def __init__(self, kube: Kube, settings: OperatorSettings):
         self.kube, self.settings = kube, settings
         self._guard = threading.Lock()
         self._again: dict[tuple[str, str], bool] = {}  # run being reconciled -> another pass wanted
-        self._expected: dict[tuple[str, str], float] = {}  # (namespace, Job) -> when it was created
+        self._expected: dict[tuple[str, str], tuple[float, str]] = {}  # (namespace, Job) -> when, by which run uid
         self._written: dict[tuple[str, str], dict[str, Any]] = {}  # run -> as our last status write stored it
-        self._config_maps: dict[tuple[str, str], dict[str, str]] = {}  # (namespace, ConfigMap) -> data applied
+        self._config_maps: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}  # (ns, ConfigMap) -> run uid, data
         self._specs: dict[tuple[str, str], tuple[tuple, RunSpec | SpecError]] = {}  # run -> (uid, generation), spec
         self._refused: dict[tuple[str, str], dict[str, tuple[float, JobObservation]]] = {}  # run -> Job -> when, why
-        self._retrying: set[tuple[str, str]] = set()  # runs with a retry of a refused create scheduled
+        self._failures: dict[tuple[str, str], int] = {}  # run -> failed passes in a row
+        self._timers: dict[tuple[str, str], tuple[float, threading.Timer]] = {}  # run -> next pass (due, timer)
+        self._closed = threading.Event()
+
+    def resync(self, cache: Cache, logger: Any, period: float = RESYNC) -> None:
+        """Reconcile every unfinished run every `period` seconds, from a daemon thread, until `close`."""
+        def loop() -> None:
+            while not self._closed.wait(period):
+                for namespace, name in unfinished_runs(cache.runs):
+                    try:
+                        self.request(namespace, name, cache, logger)
+                    except Exception:  # its retry is scheduled; the others still get their pass
+                        logger.exception("resync pass failed run=%s", name)
+
+        threading.Thread(target=loop, name="selfalign-resync", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop the resync and every scheduled pass (the operator is stopping)."""
+        self._closed.set()
+        with self._guard:
+            timers, self._timers = list(self._timers.values()), {}
+        for _, timer in timers:
+            timer.cancel()
 
     def request(self, namespace: str, name: str, cache: Cache, logger: Any) -> None:
         """Reconcile the run now, or, if a pass is under way in another thread, once more after it."""
@@ -71,14 +123,17 @@ class Reconciler:
             while True:
                 self.reconcile(namespace, name, cache, logger)
                 with self._guard:
+                    self._failures.pop(key, None)
                     if not self._again[key]:
                         del self._again[key]
                         return
                     self._again[key] = False
-        except BaseException:
+        except Exception:
             metrics.record_reconcile_error()
             with self._guard:
                 self._again.pop(key, None)
+                failures = self._failures[key] = self._failures.get(key, 0) + 1
+            self._later(namespace, name, retry_delay(failures), cache, logger)
             raise
 
     def reconcile(self, namespace: str, name: str, cache: Cache, logger: Any) -> None:
@@ -88,18 +143,32 @@ class Reconciler:
             return
         # 2. Parse the spec; the planner turns a SpecError into a Failed run (InvalidSpec).
         spec = self._parse(run)
-        # 3. Observe its Jobs and their Pods from the indices (no API request).
-        jobs = list(cache.run_jobs.get((namespace, name), ()))
-        pods = {job["metadata"]["name"]: list(cache.job_pods.get((namespace, job["metadata"]["name"]), ()))
+        # 3. Observe its Jobs and their Pods from the indices (no API request): only what it controls.
+        uid = run["metadata"].get("uid")
+        listed = list(cache.run_jobs.get((namespace, name), ()))
+        jobs = [job for job in listed if controller_uid(job) == uid]
+        foreign = {job["metadata"]["name"]: seen for job in listed if controller_uid(job) != uid
+                   if (seen := observe_foreign(job)) is not None}
+        pods = {job["metadata"]["name"]: [pod for pod in cache.job_pods.get((namespace, job["metadata"]["name"]), ())
+                                          if controller_uid(pod) == job["metadata"].get("uid")]
                 for job in jobs}
-        observed = {**self._refusals(namespace, name), **observe_jobs(jobs, pods)}
+        observed = {**self._refusals(namespace, name), **foreign, **observe_jobs(jobs, pods)}
         # 4. Decide.
         now = datetime.now(UTC)
+        generation = run["metadata"].get("generation", 1)
         result = plan(spec, run.get("status"), observed, now, namespace=namespace, name=name,
-                      generation=run["metadata"].get("generation", 1))
+                      generation=generation, uid=uid)
         # 5. Write status once, before any child exists; a 409 means a newer run version is coming.
         if result.status != (run.get("status") or {}):
-            stored = self.kube.write_status(run, result.status)
+            try:
+                stored = self.kube.write_status(run, result.status)
+            except ApiException as exc:
+                if exc.status != INVALID:
+                    raise
+                # Written again it would be rejected again: the run fails, saying why.
+                logger.warning("status rejected by the API run=%s: %s", name, _api_message(exc))
+                result = status_rejected(run.get("status"), _api_message(exc), now, generation=generation)
+                stored = self.kube.write_status(run, result.status)
             if stored is None:
                 logger.info("status write conflicted; the run's next event reconciles it run=%s", name)
                 return
@@ -109,17 +178,18 @@ class Reconciler:
             run = stored
         # 6. Make sure the Jobs the plan needs exist; a new refusal goes into status on another pass.
         for job in result.jobs:
-            created = self._ensure(run, spec, job, seen={j["metadata"]["name"] for j in jobs}, now=now, logger=logger)
+            created = self._ensure(run, spec, job, seen={j["metadata"]["name"] for j in jobs}, foreign=set(foreign),
+                                   now=now, logger=logger)
             if created is None:
                 with self._guard:
                     self._again[(namespace, name)] = True
             elif created:
                 metrics.observe_job_created(result.status, datetime.now(UTC))
         if self._refusals(namespace, name):
-            self._retry_later(namespace, name, cache, logger)
+            self._later(namespace, name, REFUSAL_BACKOFF, cache, logger)
         # 7. Tell the user what changed.
         for event in result.events:
-            self.kube.post_event(run, event, now)
+            self._post(run, event, now, logger)
 
     def _parse(self, run: Mapping[str, Any]) -> RunSpec | SpecError:
         """The run's typed spec, parsed once per spec version (its generation)."""
@@ -149,6 +219,7 @@ class Reconciler:
                 self._written.pop(key, None)
                 self._specs.pop(key, None)
                 self._refused.pop(key, None)
+                self._failures.pop(key, None)
                 self._config_maps.pop((namespace, config_map_name(name)), None)
                 return None
             if written is None:
@@ -160,31 +231,34 @@ class Reconciler:
             del self._written[key]
         return watched if order is not None else self.kube.get_run(namespace, name)
 
-    def _ensure(self, run: Mapping[str, Any], spec: RunSpec, job: EnsureJob, *, seen: set[str],
+    def _ensure(self, run: Mapping[str, Any], spec: RunSpec, job: EnsureJob, *, seen: set[str], foreign: set[str],
                 now: datetime, logger: Any) -> bool | None:
-        """Create the Job unless it is seen, was just created, or was just refused. True when this
-        call created it; None when the API refused it with a cause not known before."""
-        namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
+        """Create the Job unless it is seen, was just created, or was just refused, or another
+        run's Job holds its name (whose deletion event brings the next pass). True when this call
+        created it; None when the API refused it with a cause not known before."""
+        namespace, name, uid = run["metadata"]["namespace"], run["metadata"]["name"], run["metadata"]["uid"]
         key = (namespace, job.name)
-        if job.name in seen:
+        if job.name in seen or job.name in foreign:
             self._forget(key, run=name)
             return False
-        if self._is_expected(key) or self._refused_lately(namespace, name, job.name):
+        if self._is_expected(key, uid) or self._refused_lately(namespace, name, job.name):
             return False
         owner = owner_reference(run)
         created = False
         try:
-            self._apply_config_map(build_config_map(spec, namespace=namespace, run_name=name, owner=owner))
+            self._apply_config_map(build_config_map(spec, namespace=namespace, run_name=name, owner=owner), uid)
             for obj in build_stage_objects(spec, job, namespace=namespace, run_name=name, owner=owner,
                                            settings=self.settings):
-                if self.kube.create(obj) and obj["kind"] == "Job":
+                if self._create(obj, uid) and obj["kind"] == "Job":
                     created = True
-        except ApiException as exc:
-            if exc.status is None or exc.status >= 500:
+        except (ApiException, Taken) as exc:
+            if isinstance(exc, ApiException) and (exc.status is None or exc.status >= 500):
                 raise
-            # The API refused the object (quota, admission, validation): say so on the run.
-            cause = f"creating Job {job.name} was refused: {exc.status} {exc.reason}: {_api_message(exc)}"
-            logger.warning("job create refused job=%s status=%s", job.name, exc.status)
+            # The API refused the object (quota, admission, validation), or another run holds its
+            # name: say so on the run.
+            cause = str(exc) if isinstance(exc, Taken) else \
+                f"creating Job {job.name} was refused: {exc.status} {exc.reason}: {_api_message(exc)}"
+            logger.warning("job create refused job=%s cause=%s", job.name, cause)
             with self._guard:
                 refused = self._refused.setdefault((namespace, name), {})
                 before = refused.get(job.name)
@@ -192,38 +266,63 @@ class Reconciler:
                                                                       message=cause))
             if before is not None and before[1].message == cause:
                 return False
-            self.kube.post_event(run, Event("Warning", "CreateFailed", f"round {job.round} stage {job.stage}: {cause}"),
-                                 now)
+            self._post(run, Event("Warning", "CreateFailed", f"round {job.round} stage {job.stage}: {cause}"),
+                       now, logger)
             return None
         self._forget(key, run=name)  # no refusal to report any more
         with self._guard:
-            self._expected[key] = time.monotonic()
+            self._expected[key] = (time.monotonic(), uid)
         return created
+
+    def _create(self, obj: Mapping[str, Any], uid: str) -> bool:
+        """Create a child of the run: True if created, False if it exists and is this run's own.
+        An object of that name that another owner controls is never adopted (raises Taken)."""
+        if self.kube.create(obj):
+            return True
+        owner = self.kube.controller_uid(obj)
+        if owner != uid:
+            meta = obj["metadata"]
+            raise Taken(f"{obj['kind']} {meta['name']} exists but belongs to another run (owner uid "
+                        f"{owner or 'none'}), e.g. a deleted run of this name: created once that one is deleted")
+        return False
+
+    def _post(self, run: Mapping[str, Any], event: Event, now: datetime, logger: Any) -> None:
+        """Events are for people; the change they report is already in status. One the API does
+        not take is logged, and the pass goes on."""
+        try:
+            self.kube.post_event(run, event, now)
+        except TRANSIENT as exc:
+            logger.warning("event not posted run=%s reason=%s: %s", run["metadata"]["name"], event.reason, exc)
 
     def _refusals(self, namespace: str, run: str) -> dict[str, JobObservation]:
         """The run's Job creates that the API refused, as observations of those Jobs."""
         with self._guard:
             return {job: seen for job, (_, seen) in self._refused.get((namespace, run), {}).items()}
 
-    def _retry_later(self, namespace: str, name: str, cache: Cache, logger: Any) -> None:
-        """Reconcile the run again after REFUSAL_BACKOFF: a refused create may succeed later (quota
-        freed) with nothing else happening to the run. One retry at a time per run."""
-        key = (namespace, name)
+    def _later(self, namespace: str, name: str, delay: float, cache: Cache, logger: Any) -> None:
+        """Reconcile the run again after `delay` seconds (a refused create may succeed once quota
+        frees up; a failed pass may succeed once the API recovers). One pending pass per run: the
+        sooner one wins."""
+        key, due = (namespace, name), time.monotonic() + delay
         with self._guard:
-            if key in self._retrying:
+            pending = self._timers.get(key)
+            if self._closed.is_set() or (pending is not None and pending[0] <= due):
                 return
-            self._retrying.add(key)
 
-        def retry() -> None:
-            with self._guard:
-                self._retrying.discard(key)
-            try:
-                self.request(namespace, name, cache, logger)
-            except Exception:
-                logger.exception("retrying a refused Job create failed run=%s", name)
+            def fire() -> None:
+                with self._guard:
+                    if self._timers.get(key, (None,))[0] == due:
+                        del self._timers[key]
+                try:
+                    self.request(namespace, name, cache, logger)
+                except Exception:
+                    logger.exception("a retried pass failed run=%s", name)
 
-        timer = threading.Timer(REFUSAL_BACKOFF, retry)
-        timer.daemon = True
+            timer = threading.Timer(delay, fire)
+            timer.daemon = True
+            self._timers[key] = (due, timer)
+        if pending is not None:
+            pending[1].cancel()
         timer.start()
 
     def _refused_lately(self, namespace: str, run: str, job: str) -> bool:
@@ -231,22 +330,25 @@ class Reconciler:
             refused = self._refused.get((namespace, run), {}).get(job)
         return refused is not None and time.monotonic() - refused[0] < REFUSAL_BACKOFF
 
-    def _apply_config_map(self, config_map: Mapping[str, Any]) -> None:
-        """Apply the run's spec ConfigMap once per content (the API is asked again after a restart)."""
+    def _apply_config_map(self, config_map: Mapping[str, Any], uid: str) -> None:
+        """Apply the run's spec ConfigMap once per content and run (the API is asked again after a
+        restart): create it, or, when it is this run's already, bring its data to the spec."""
         meta = config_map["metadata"]
         key, data = (meta["namespace"], meta["name"]), config_map.get("data", {})
         with self._guard:
             applied = self._config_maps.get(key)
-        if applied == data:
+        if applied == (uid, data):
             return
-        self.kube.apply_config_map(config_map, exists=applied is not None)
+        if (applied is not None and applied[0] == uid) or not self._create(config_map, uid):
+            self.kube.update_config_map(config_map)
         with self._guard:
-            self._config_maps[key] = data
+            self._config_maps[key] = (uid, data)
 
-    def _is_expected(self, key: tuple[str, str]) -> bool:
+    def _is_expected(self, key: tuple[str, str], uid: str) -> bool:
+        """Created by this run lately (a Job of an earlier run of the same name is not)."""
         with self._guard:
             created = self._expected.get(key)
-            if created is not None and time.monotonic() - created > EXPECTATION_TTL:
+            if created is not None and (created[1] != uid or time.monotonic() - created[0] > EXPECTATION_TTL):
                 del self._expected[key]
                 created = None
         return created is not None

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from datetime import UTC, datetime
 
 import kopf
@@ -16,7 +17,11 @@ import urllib3
 from selfalign.operator.handlers import NoDiffBase, configure, pod_ended
 from selfalign.operator.kube import Kube, compare_resource_versions
 from selfalign.operator.planner import Event
-from selfalign.operator.reconciler import Reconciler
+from kubernetes.client.exceptions import ApiException
+
+from selfalign.operator import reconciler as reconciler_module
+from selfalign.operator.observe import controller_uid
+from selfalign.operator.reconciler import Cache, Reconciler, retry_delay, unfinished_runs
 from selfalign.operator.settings import OperatorSettings
 
 
@@ -92,9 +97,13 @@ def test_only_a_pods_end_or_removal_reconciles(event, body, ended):
     assert pod_ended(type=event, body=kopf.Body(body)) == ended
 
 
+NO_INDICES = {"runs": {}, "run_jobs": {}, "job_pods": {}}
+
+
 def test_configure_skips_kopfs_per_event_diff():
     settings, memo = kopf.OperatorSettings(), kopf.Memo()
-    configure(settings=settings, memo=memo, logger=logging.getLogger("test"))
+    configure(settings=settings, memo=memo, logger=logging.getLogger("test"), **NO_INDICES)
+    memo.reconciler.close()
     storage = settings.persistence.diffbase_storage
     assert isinstance(storage, NoDiffBase)
     body = kopf.Body({"metadata": {"name": "j", "labels": {"a": "b"}}, "spec": {"template": {"spec": {}}}})
@@ -130,7 +139,8 @@ CALLS = {
     "get_run": lambda kube: kube.get_run("ns", "r"),
     "write_status": lambda kube: kube.write_status(RUN, {"phase": "Running"}),
     "create": lambda kube: kube.create({"kind": "Job", "metadata": {"namespace": "ns", "name": "j"}}),
-    "apply_config_map": lambda kube: kube.apply_config_map({"metadata": {"namespace": "ns", "name": "c"}}, exists=True),
+    "update_config_map": lambda kube: kube.update_config_map({"metadata": {"namespace": "ns", "name": "c"}}),
+    "controller_uid": lambda kube: kube.controller_uid({"kind": "Job", "metadata": {"namespace": "ns", "name": "j"}}),
     "post_event": lambda kube: kube.post_event(RUN, Event("Normal", "R", "m"), datetime.now(UTC)),
 }
 
@@ -157,7 +167,9 @@ def test_every_api_call_times_out_on_a_server_that_never_answers(silent_server, 
 
 def test_configure_filters_the_children_watches_server_side_and_bounds_kopfs_requests():
     settings = kopf.OperatorSettings()
-    configure(settings=settings, memo=kopf.Memo(), logger=logging.getLogger("test"))
+    memo = kopf.Memo()
+    configure(settings=settings, memo=memo, logger=logging.getLogger("test"), **NO_INDICES)
+    memo.reconciler.close()
     jobs = settings.watching.label_selectors.collect(kopf.Resource("batch", "v1", "jobs"))
     pods = settings.watching.label_selectors.collect(kopf.Resource("", "v1", "pods"))
     runs = settings.watching.label_selectors.collect(kopf.Resource("selfalign.dev", "v1alpha1", "selfalignruns"))
@@ -166,3 +178,187 @@ def test_configure_filters_the_children_watches_server_side_and_bounds_kopfs_req
     assert runs == []  # every run is the operator's
     # kopf's own default is 300 s per request and no separate connect timeout.
     assert (settings.networking.request_timeout, settings.networking.connect_timeout) == (60, 10)
+
+
+# ---- one pass against an API double: what a real API server can answer ------------------------
+
+SPEC = {"recipe": "isheep", "rounds": 1, "model": {"base": "s3://m/base"}, "seeds": "s3://d/seeds.jsonl",
+        "storage": {"uri": "s3://b/runs"}, "coverage": {"reference": "s3://d/ref.jsonl"}}
+SYNTH = "r-r0-synth"
+
+
+class ApiDouble:
+    """Kube's interface over a dict of stored children; every call recorded; `fail[method]` holds
+    exceptions to raise, first come first raised."""
+
+    def __init__(self, *stored: dict):
+        self.objects = {(o["kind"], o["metadata"]["name"]): o for o in stored}
+        self.calls: list[tuple[str, str]] = []
+        self.fail: dict[str, list[BaseException]] = {}
+
+    def _call(self, method: str, what: str) -> None:
+        self.calls.append((method, what))
+        if self.fail.get(method):
+            raise self.fail[method].pop(0)
+
+    def write_status(self, run: dict, status: dict) -> dict:
+        self._call("write_status", status.get("phase", ""))
+        meta = {**run["metadata"], "resourceVersion": str(int(run["metadata"]["resourceVersion"]) + 1)}
+        return {**run, "metadata": meta, "status": status}
+
+    def create(self, obj: dict) -> bool:
+        self._call("create", f"{obj['kind']} {obj['metadata']['name']}")
+        return self.objects.setdefault((obj["kind"], obj["metadata"]["name"]), obj) is obj
+
+    def controller_uid(self, obj: dict) -> str | None:
+        self._call("controller_uid", obj["metadata"]["name"])
+        stored = self.objects.get((obj["kind"], obj["metadata"]["name"]))
+        return controller_uid(stored) if stored else None
+
+    def update_config_map(self, config_map: dict) -> None:
+        self._call("update_config_map", config_map["metadata"]["name"])
+
+    def post_event(self, run: dict, event: Event, now: datetime) -> None:
+        self._call("post_event", event.reason)
+
+    def created(self) -> list[str]:
+        return [what for method, what in self.calls if method == "create"]
+
+
+def a_run(uid: str = "uid-new", status: dict | None = None) -> dict:
+    return {"apiVersion": "selfalign.dev/v1alpha1", "kind": "SelfAlignRun", "spec": SPEC, "status": status or {},
+            "metadata": {"namespace": "ns", "name": "r", "uid": uid, "resourceVersion": "1", "generation": 1}}
+
+
+def child(kind: str, name: str, owner_uid: str, **labels: str) -> dict:
+    return {"kind": kind, "metadata": {"name": name, "uid": f"{name}-{owner_uid}", "labels": labels,
+                                       "ownerReferences": [{"kind": "SelfAlignRun", "uid": owner_uid, "controller": True}]}}
+
+
+def cache_of(run: dict, jobs: list[dict] = (), pods: dict | None = None) -> Cache:
+    return Cache({("ns", "r"): [run]}, {("ns", "r"): list(jobs)} if jobs else {},
+                 {("ns", name): list(p) for name, p in (pods or {}).items()})
+
+
+@pytest.fixture
+def reconciler_with():
+    made: list[Reconciler] = []
+
+    def make(kube: ApiDouble) -> Reconciler:
+        made.append(Reconciler(kube, OperatorSettings()))
+        return made[-1]
+
+    yield make
+    for reconciler in made:
+        reconciler.close()
+
+
+LOG = logging.getLogger("test")
+
+
+def test_an_event_the_api_refuses_is_logged_and_the_pass_goes_on(reconciler_with):
+    kube = ApiDouble()
+    kube.fail["post_event"] = [ApiException(status=500, reason="Internal Server Error")] * 3
+    reconciler_with(kube).reconcile("ns", "r", cache_of(a_run()), LOG)
+    assert f"Job {SYNTH}" in kube.created()
+    assert [what for method, what in kube.calls if method == "post_event"] == ["StageStarted", "RunRunning"]
+
+
+def test_an_earlier_runs_job_of_the_same_name_is_never_adopted(reconciler_with):
+    """Delete a run, create it again: until the garbage collector has deleted the old Jobs, the
+    stage waits and says why, instead of reading the old Job's outcome as its own."""
+    old = child("Job", SYNTH, "uid-old", **{"selfalign.dev/round": "0", "selfalign.dev/stage": "synthesize"})
+    old["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
+    kube = ApiDouble()
+    reconciler = reconciler_with(kube)
+    for _ in range(2):  # the first records the stage, the second folds in what is observed
+        reconciler.reconcile("ns", "r", cache_of(a_run(), jobs=[old]), LOG)
+    written = reconciler._written[("ns", "r")]["status"]
+    record = written["rounds"][0]["stages"]["synthesize"]
+    assert record["phase"] == "Pending" and "belongs to another run (owner uid uid-old)" in record["message"]
+    assert kube.created() == []
+    reconciler.reconcile("ns", "r", cache_of(a_run()), LOG)  # the old Job is collected
+    assert f"Job {SYNTH}" in kube.created()
+
+
+def test_a_409_from_another_runs_child_is_a_refusal_not_done(reconciler_with):
+    for kind, name in (("Job", SYNTH), ("ConfigMap", "r-spec")):
+        kube = ApiDouble(child(kind, name, "uid-old"))
+        reconciler = reconciler_with(kube)
+        reconciler.reconcile("ns", "r", cache_of(a_run()), LOG)
+        assert ("controller_uid", name) in kube.calls
+        assert reconciler._expected == {}  # not taken as created
+        refusal = reconciler._refusals("ns", "r")[SYNTH]
+        assert refusal.phase == "Refused" and f"{kind} {name} exists but belongs to another run" in refusal.message
+        assert ("post_event", "CreateFailed") in kube.calls
+
+
+def test_a_409_from_the_runs_own_job_is_done(reconciler_with):
+    kube = ApiDouble(child("Job", SYNTH, "uid-new"), child("ConfigMap", "r-spec", "uid-new"))
+    reconciler = reconciler_with(kube)
+    reconciler.reconcile("ns", "r", cache_of(a_run()), LOG)
+    assert ("ns", SYNTH) in reconciler._expected and not reconciler._refusals("ns", "r")
+    assert ("update_config_map", "r-spec") in kube.calls  # its data brought to this spec
+
+
+def test_pods_of_an_earlier_job_of_the_same_name_are_not_read(reconciler_with):
+    ours = child("Job", SYNTH, "uid-new", **{"selfalign.dev/round": "0", "selfalign.dev/stage": "synthesize"})
+    ours["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
+    stale = {"metadata": {"name": "p-old", "ownerReferences": [{"uid": "someone-else", "controller": True}]},
+             "status": {"phase": "Succeeded", "containerStatuses": [
+                 {"state": {"terminated": {"exitCode": 0, "message": '{"generated": 999}'}}}]}}
+    reconciler = reconciler_with(ApiDouble())
+    for _ in range(2):  # the first records the stage, the second folds in what is observed
+        reconciler.reconcile("ns", "r", cache_of(a_run(), jobs=[ours], pods={SYNTH: [stale]}), LOG)
+    record = reconciler._written[("ns", "r")]["status"]["rounds"][0]["stages"]["synthesize"]
+    assert record["phase"] == "Succeeded" and record["metrics"] == {}
+
+
+def test_a_status_the_api_rejects_fails_the_run_with_the_apis_message(reconciler_with):
+    kube = ApiDouble()
+    rejected = ApiException(status=422, reason="Unprocessable Entity")
+    rejected.body = '{"message": "SelfAlignRun.selfalign.dev \\"r\\" is invalid: status.coverage: must be <= 100"}'
+    kube.fail["write_status"] = [rejected]
+    reconciler = reconciler_with(kube)
+    reconciler.reconcile("ns", "r", cache_of(a_run()), LOG)
+    status = reconciler._written[("ns", "r")]["status"]
+    assert status["phase"] == "Failed" and "status.coverage: must be <= 100" in status["message"]
+    assert kube.created() == []
+
+
+@pytest.mark.parametrize("failures, delay", [(1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, 60.0), (50, 60.0)])
+def test_failed_passes_back_off_exponentially_up_to_a_cap(failures, delay):
+    assert retry_delay(failures) == delay
+
+
+def test_a_failed_pass_is_tried_again_without_any_event(reconciler_with, monkeypatch):
+    """kopf does not retry on.event handlers, and a resumed watch re-delivers nothing."""
+    monkeypatch.setattr(reconciler_module, "RETRY_BASE", 0.01)
+    kube = ApiDouble()
+    kube.fail["write_status"] = [ApiException(status=503, reason="Service Unavailable"),
+                                 urllib3.exceptions.ReadTimeoutError(None, "/", "read timed out")]
+    with pytest.raises(ApiException):
+        reconciler_with(kube).request("ns", "r", cache_of(a_run()), LOG)
+    wait_until(lambda: f"Job {SYNTH}" in kube.created())
+    assert [what for method, what in kube.calls if method == "write_status"] == ["Running"] * 3
+
+
+@pytest.mark.parametrize("phase, resynced", [(None, True), ("Pending", True), ("Running", True),
+                                             ("Suspended", True), ("Succeeded", False), ("Failed", False)])
+def test_the_resync_covers_every_unfinished_run(phase, resynced):
+    runs = {("ns", "r"): [a_run(status={"phase": phase} if phase else None)]}
+    assert unfinished_runs(runs) == ([("ns", "r")] if resynced else [])
+
+
+def test_the_resync_reconciles_a_run_whose_events_were_lost(reconciler_with):
+    kube = ApiDouble()
+    reconciler_with(kube).resync(cache_of(a_run()), LOG, period=0.01)
+    wait_until(lambda: f"Job {SYNTH}" in kube.created())
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    """A watchdog for what background threads do; no assertion on how long it takes."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.005)

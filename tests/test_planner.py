@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from selfalign.operator import conditions as c
 from selfalign.operator.naming import job_name
-from selfalign.operator.planner import EnsureJob, JobObservation, plan
+from selfalign.operator.planner import MAX_METRICS, EnsureJob, JobObservation, plan, status_rejected
 from selfalign.operator.spec import STAGES, SpecError, parse_spec
 
 T0 = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
@@ -320,3 +321,41 @@ def test_long_messages_are_bounded_and_kept_is_an_integer():
     assert len(bad.status["message"]) <= 4096 and bad.status["message"].endswith("...")
     final, _ = run_to_end(make_spec(rounds=1), results={"assess": {"kept": 12.0}})
     assert final.status["kept"] == 12 and isinstance(final.status["kept"], int)
+
+
+# ---- under a real API server: uid-bound storage, bounded status, a rejected status -------------
+
+def test_a_run_with_a_uid_keeps_its_outputs_under_that_uid():
+    """A run deleted and created again under the same name must not find the earlier run's
+    manifests and 'complete' each stage with its outputs (issue 13)."""
+    spec = make_spec()
+    first = plan(spec, None, {}, T0, namespace=NS, name=NAME, generation=1, uid="uid-1").jobs[0]
+    again = plan(spec, None, {}, T0, namespace=NS, name=NAME, generation=1, uid="uid-2").jobs[0]
+    assert first.run_uri == f"s3://bucket/runs/{NS}/{NAME}/uid-1" and again.run_uri.endswith("/uid-2")
+    assert step(spec, None).jobs[0].run_uri == f"s3://bucket/runs/{NS}/{NAME}"  # the local backend: no uid
+
+
+def test_stage_metrics_in_status_are_bounded_scalars():
+    """100 rounds x 5 stages of 4 KB summaries would outgrow etcd's 1.5 MiB object limit."""
+    big = {"kept": 7, "model": "s3://m", "per_domain": {"a": 1}, "curve": [1, 2], "blob": "x" * 4000,
+           **{f"k{i}": "y" * 100 for i in range(40)}}
+    spec = make_spec(rounds=100)
+    final, _ = run_to_end(spec, results={stage: big for stage in STAGES}, limit=2000)
+    record = final.status["rounds"][0]["stages"]["assess"]["metrics"]
+    assert record["kept"] == 7 and record["model"] == "s3://m"
+    assert "per_domain" not in record and "curve" not in record and "blob" not in record
+    assert len(json.dumps(record)) <= MAX_METRICS
+    assert len(json.dumps(final.status)) < 768 * 1024  # half of etcd's limit
+    assert final.status["kept"] == 7
+
+
+def test_a_status_the_api_rejects_fails_the_run_until_the_spec_changes():
+    spec = make_spec()
+    running = step(spec, None).status
+    rejected = status_rejected(running, "status.coverage: Invalid value: 120: must be <= 100", T0, generation=1)
+    assert rejected.status["phase"] == "Failed" and "must be <= 100" in rejected.status["message"]
+    assert cond(rejected.status, c.FAILED)["reason"] == c.STATUS_REJECTED
+    assert [e.reason for e in rejected.events] == ["RunFailed"] and not rejected.jobs
+    again = step(spec, rejected.status, generation=1)
+    assert again.status == rejected.status and not again.jobs and not again.events
+    assert step(spec, rejected.status, generation=2).status["phase"] == "Running"  # a corrected spec resumes

@@ -76,22 +76,24 @@ operator/*.py (tests/test_chart.py derives those calls from the code and compare
 - apiGroups: [selfalign.dev]
   resources: [selfalignruns/status]
   verbs: [patch]
-# Stage Jobs: watched for progress, created from the plan (never changed or deleted).
+# Stage Jobs: watched for progress, created from the plan (never changed or deleted); read on a
+# 409 to check that the existing one is this run's (a deleted run's Job of the same name is not).
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, watch, create]
+  verbs: [get, list, watch, create]
 # Stage Pods: watched for their termination message (the stage's result summary).
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
-# The run's spec for its stage Pods: created, and updated when the spec changes.
+# The run's spec for its stage Pods: created, and updated when the spec changes (read on a 409:
+# whose it is).
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [create, patch]
-# The headless Service of a multi-node training Job.
+  verbs: [get, create, patch]
+# The headless Service of a multi-node training Job (read on a 409: whose it is).
 - apiGroups: [""]
   resources: [services]
-  verbs: [create]
+  verbs: [get, create]
 # Events on runs: transitions and failures.
 - apiGroups: [""]
   resources: [events]
