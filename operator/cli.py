@@ -41,7 +41,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.file}: expected one SelfAlignRun, found {len(documents)} documents")
     run = load_run(documents[0], _uri(args.storage) if args.storage else None)
     print(f"run {run.name}: {run.spec.rounds} round(s) of {run.spec.recipe}; artifacts in {run.uri}")
-    return run_local(run, args.scratch, verbose=args.verbose)
+    live = sys.stdout if sys.stdout.isatty() and not args.verbose else None
+    return run_local(run, args.scratch, verbose=args.verbose, live=live)
 
 
 def _status(args: argparse.Namespace) -> int:

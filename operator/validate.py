@@ -340,10 +340,13 @@ def validate_files(paths: Iterable[str], *, cluster: bool = True, stdin: TextIO 
                    note: Callable[[str], None] = lambda _: None) -> dict[str, list[str]]:
     """Validate every SelfAlignRun in multi-document YAML files ("-" is standard input); keys are
     `file#docindex`. Other kinds of objects are skipped, each with a `note`. `cluster`: also
-    refuse what only the local backend can run (`cluster_errors`).
+    refuse what only the local backend can run (`cluster_errors`); else check the run as
+    `selfalign run` would, its storage defaulted where the local runner puts it.
 
     Each error line ends with the line in the file it points at.
     """
+    from .local import with_local_storage
+
     results: dict[str, list[str]] = {}
     loader = ManifestLoader("")
     for path in paths:
@@ -361,7 +364,8 @@ def validate_files(paths: Iterable[str], *, cluster: bool = True, stdin: TextIO 
                     note(f"{path}#{index}: skipped: {other} is not a {KIND}")
                     skipped += 1
                 elif doc is not None:  # an empty document, as kubectl skips it
-                    errors = validate_manifest(doc) + (cluster_errors(doc) if cluster else [])
+                    errors = validate_manifest(doc if cluster else with_local_storage(doc)) \
+                        + (cluster_errors(doc) if cluster else [])
                     results[f"{path}#{index}"] = [f"{error} (line {_line(node, error.split(': ', 1)[0])})"
                                                   for error in errors]
                 index += 1

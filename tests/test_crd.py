@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from selfalign.operator import validate as v
+from selfalign.operator.local import with_local_storage
 from selfalign.operator.planner import JobObservation, plan
 from selfalign.operator.spec import PRESETS, STAGES, RunSpec, SpecError, dump_spec, parse_spec
 from tests.invalid_specs import INVALID, VALID, valid_base, variant
@@ -64,7 +65,8 @@ def example_runs() -> list[tuple[str, dict[str, Any]]]:
     for path in sorted(glob.glob(str(REPO / "examples" / "*.yaml"))):
         for index, doc in enumerate(yaml.load_all(Path(path).read_text(), Loader=v.ManifestLoader)):
             if isinstance(doc, dict) and doc.get("kind") == "SelfAlignRun":
-                runs.append((f"{Path(path).name}#{index}", doc))
+                # tiny.yaml is a local run: its storage is where `selfalign run` puts it
+                runs.append((f"{Path(path).name}#{index}", with_local_storage(doc)))
     return runs
 
 
