@@ -322,9 +322,14 @@ def _stage_of(status: dict[str, Any], round_: int | None, stage: str | None) -> 
 
 def _patch(args: argparse.Namespace, spec: dict[str, Any], done: str) -> int:
     from . import cluster_view
+    from .naming import KIND
 
     cluster = _cluster(args)
-    cluster_view.patch_spec(cluster, args.run, spec)
+    stored = cluster_view.patch_spec(cluster, args.run, spec).get("spec") or {}
+    dropped = [field for field, value in spec.items() if stored.get(field) != value]
+    if dropped:  # an API server prunes fields its CRD does not define
+        raise UserError(f"{args.run}: the cluster's {KIND} CRD has no spec.{dropped[0]}: the API server dropped it "
+                        "(an operator version that has it is needed)")
     print(f"{args.run} (namespace {cluster.namespace}): {done}")
     return 0
 

@@ -151,8 +151,13 @@ def row(obj: dict[str, Any], with_namespace: bool) -> RunRow:
 
 def as_run(obj: dict[str, Any]) -> Run:
     """The run as `selfalign status` reads it: status and spec from the object, no artifacts
-    (they are in the run's bucket, which the CLI user need not be able to read)."""
+    (they are under its storage prefix, which the CLI user need not be able to read)."""
+    from .planner import storage_prefix
+    from .spec import SpecError, parse_spec
+
     meta, spec = obj["metadata"], obj.get("spec") or {}
-    storage = ((spec.get("storage") or {}).get("uri") or "").rstrip("/")
-    return Run(meta["name"], f"{storage}/{meta.get('namespace')}/{meta['name']}", obj.get("status") or {}, {},
-               spec=spec)
+    try:
+        uri = storage_prefix(parse_spec(spec), meta.get("namespace"), meta["name"], meta.get("uid"))
+    except SpecError:
+        uri = ""  # an invalid spec: no stage ever ran, nothing is stored
+    return Run(meta["name"], uri, obj.get("status") or {}, {}, spec=spec)
