@@ -2,7 +2,16 @@
 modelled behaviour (tests/fixtures/crd.py, tests/fixtures/kube.py) is checked here on its own."""
 from __future__ import annotations
 
+import asyncio
+import json
+import random
+
+import kmock
+import pytest
+
 from tests.fixtures.crd import admit, default, prune
+from tests.fixtures.faults import Faults, requests
+from tests.fixtures.kube import NS, RUNS, Emulator, api, run_manifest, wait_for
 
 SCHEMA = {"type": "object", "properties": {
     "spec": {"type": "object", "default": {}, "properties": {
@@ -40,3 +49,148 @@ def test_a_selfalignrun_is_stored_with_the_crds_stage_resource_defaults():
                  "spec": {"rounds": 1, "unknown": True}})
     assert "unknown" not in run["spec"]
     assert run["spec"]["resources"]["train"]["gpus"] == 0
+
+
+# ---- the emulator: lists and watches as the watch cache serves them -------------------------------
+
+CONFIGMAPS = f"/api/v1/namespaces/{NS}/configmaps"
+
+
+def config_map(name: str, **labels: str) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": NS, "labels": labels}}
+
+
+async def watch(emulator: Emulator, path: str, count: int, **params: str) -> list[dict]:
+    """The first `count` events of a watch (fewer if the server ends it)."""
+    query = "&".join(f"{k}={v}" for k, v in {"watch": "true", **params}.items())
+    events = []
+    async with emulator.request("GET", f"{path}?{query}") as response:
+        while len(events) < count:
+            line = await asyncio.wait_for(response.content.readline(), 30)
+            if not line:
+                break
+            if line.strip():
+                events.append(json.loads(line))
+    return events
+
+
+def names(events: list[dict]) -> list[tuple[str, str]]:
+    return [(e["type"], e["object"]["metadata"].get("name")) for e in events]
+
+
+async def test_a_watch_resumes_from_its_resource_version_without_relisting(emulator):
+    await api(emulator, "POST", CONFIGMAPS, config_map("a"))
+    listed = await api(emulator, "GET", CONFIGMAPS)
+    since = listed["metadata"]["resourceVersion"]
+    assert [i["metadata"]["name"] for i in listed["items"]] == ["a"] and since.isdecimal()
+    await api(emulator, "POST", CONFIGMAPS, config_map("b"))
+    await api(emulator, "DELETE", f"{CONFIGMAPS}/a")
+    events = await watch(emulator, CONFIGMAPS, 2, resourceVersion=since)
+    assert names(events) == [("ADDED", "b"), ("DELETED", "a")]  # "a" is not listed again
+    versions = [int(e["object"]["metadata"]["resourceVersion"]) for e in events]
+    assert int(since) < versions[0] < versions[1]  # a deletion has a resourceVersion of its own
+    fresh = await watch(emulator, CONFIGMAPS, 1)  # no resourceVersion: the current objects first
+    assert names(fresh) == [("ADDED", "b")]
+
+
+async def test_a_watch_from_a_compacted_version_gets_410_gone(emulator):
+    await api(emulator, "POST", CONFIGMAPS, config_map("a"))
+    since = (await api(emulator, "GET", CONFIGMAPS))["metadata"]["resourceVersion"]
+    await api(emulator, "POST", CONFIGMAPS, config_map("b"))
+    emulator.compact()
+    [error] = await watch(emulator, CONFIGMAPS, 2, resourceVersion=since)
+    assert error["type"] == "ERROR" and error["object"]["code"] == 410 and error["object"]["reason"] == "Expired"
+
+
+async def test_a_quiet_watch_gets_bookmarks_and_ends_after_its_timeout(emulator):
+    emulator.bookmark_interval = 0.05
+    await api(emulator, "POST", CONFIGMAPS, config_map("a"))
+    since = (await api(emulator, "GET", CONFIGMAPS))["metadata"]["resourceVersion"]
+    [bookmark] = await watch(emulator, CONFIGMAPS, 1, resourceVersion=since, allowWatchBookmarks="true")
+    assert bookmark["type"] == "BOOKMARK" and bookmark["object"]["metadata"]["resourceVersion"] == since
+    assert await watch(emulator, CONFIGMAPS, 1, resourceVersion=since, timeoutSeconds="1") == []
+
+
+async def test_lists_and_watches_filter_by_label_selector(emulator):
+    await api(emulator, "POST", CONFIGMAPS, config_map("ours", run="r", job="j"))
+    await api(emulator, "POST", CONFIGMAPS, config_map("other", run="s"))
+    await api(emulator, "POST", CONFIGMAPS, config_map("none"))
+    listed = await api(emulator, "GET", f"{CONFIGMAPS}?labelSelector=run,job")
+    assert [i["metadata"]["name"] for i in listed["items"]] == ["ours"]
+    assert names(await watch(emulator, CONFIGMAPS, 2, labelSelector="run")) == [("ADDED", "ours"), ("ADDED", "other")]
+    assert names(await watch(emulator, CONFIGMAPS, 1, labelSelector="run=s")) == [("ADDED", "other")]
+    assert names(await watch(emulator, CONFIGMAPS, 1, labelSelector="!run")) == [("ADDED", "none")]
+
+
+# ---- the emulator: garbage collection, the CRD's schema --------------------------------------------
+
+async def test_dependents_are_collected_in_the_background_after_their_owner(emulator):
+    emulator.gc_delay = 1.0
+    owner = await api(emulator, "POST", CONFIGMAPS, config_map("owner"))
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"], "controller": True}
+    child = await api(emulator, "POST", CONFIGMAPS, {**config_map("child"), "metadata": {
+        **config_map("child")["metadata"], "ownerReferences": [ref]}})
+    grandchild_ref = {**ref, "name": "child", "uid": child["metadata"]["uid"]}
+    await api(emulator, "POST", CONFIGMAPS, {**config_map("grandchild"), "metadata": {
+        **config_map("grandchild")["metadata"], "ownerReferences": [grandchild_ref]}})
+    await api(emulator, "POST", CONFIGMAPS, {**config_map("other-uid"), "metadata": {
+        **config_map("other-uid")["metadata"], "ownerReferences": [{**ref, "uid": "not-the-owner"}]}})
+    await api(emulator, "DELETE", f"{CONFIGMAPS}/owner")
+    assert emulator.get_object("v1/configmaps", NS, "child") is not None  # stale for a while, as on a cluster
+    await wait_for(lambda: emulator.get_object("v1/configmaps", NS, "grandchild") is None, what="cascade")
+    assert emulator.get_object("v1/configmaps", NS, "child") is None
+    assert emulator.get_object("v1/configmaps", NS, "other-uid") is None  # its owner uid never existed
+
+
+async def test_a_run_is_pruned_and_defaulted_on_create_and_update(emulator):
+    run = await api(emulator, "POST", RUNS, run_manifest("r", {"rounds": 1, "bogus": 1}))
+    assert "bogus" not in run["spec"] and run["spec"]["resources"]["train"]["gpus"] == 0
+    patched = await api(emulator, "PATCH", f"{RUNS}/r", {"spec": {"resources": {"train": None}, "junk": 2}})
+    assert "junk" not in patched["spec"] and patched["spec"]["resources"]["train"] == \
+        {"gpus": 0, "shmSize": "1Gi", "scratchSize": "50Gi"}
+    assert patched["metadata"]["generation"] == 1  # defaulting gave back what the patch removed
+
+
+async def test_a_status_the_schema_forbids_is_refused_with_422(emulator):
+    await api(emulator, "POST", RUNS, run_manifest("r", {"rounds": 1}))
+    with pytest.raises(RuntimeError, match=r"422: SelfAlignRun.selfalign.dev \"r\" is invalid: status.coverage"):
+        await api(emulator, "PATCH", f"{RUNS}/r/status", {"status": {"coverage": 150}})
+    stored = await api(emulator, "PATCH", f"{RUNS}/r/status", {"status": {"coverage": 50, "extra": 1}})
+    assert stored["status"] == {"coverage": 50}  # pruned
+
+
+# ---- the emulator: injected faults ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, status, stored", [("error", 503, False), ("lost", 500, True),
+                                                  ("hang", 504, False), ("conflict", 409, False)])
+async def test_injected_faults_answer_as_a_real_server_would(emulator, kind, status, stored):
+    emulator.faults.add(kind, requests("POST", r"/configmaps$"), limit=1, status=status if status >= 500 else 503,
+                        seconds=0.01)
+    with pytest.raises(RuntimeError, match=f"-> {status}"):
+        await api(emulator, "POST", CONFIGMAPS, config_map("a"))
+    assert (emulator.get_object("v1/configmaps", NS, "a") is not None) == stored
+    assert emulator.faults.injected == {kind: 1}
+    await api(emulator, "GET", CONFIGMAPS)  # only what the rule matches
+    if not stored:
+        await api(emulator, "POST", CONFIGMAPS, config_map("a"))  # the limit is reached
+
+
+async def test_a_slow_request_is_answered_and_a_dropped_watch_ends_early(emulator):
+    emulator.faults.add("slow", requests("GET"), limit=1, seconds=0.05)
+    emulator.faults.add("drop", requests(action=kmock.action.WATCH), limit=1, after_events=1)
+    for name in ("a", "b"):
+        await api(emulator, "POST", CONFIGMAPS, config_map(name))
+    assert len((await api(emulator, "GET", CONFIGMAPS))["items"]) == 2
+    assert names(await watch(emulator, CONFIGMAPS, 2)) == [("ADDED", "a")]  # dropped after one event
+    assert names(await watch(emulator, CONFIGMAPS, 2)) == [("ADDED", "a"), ("ADDED", "b")]
+    assert emulator.faults.injected == {"slow": 1, "drop": 1}
+
+
+def test_fault_rates_come_from_the_seeded_generator():
+    faults = Faults(rng=random.Random(7))
+    rule = faults.add("error", lambda request: True, rate=0.3)
+    struck = [faults._strike(None, ("error",)) is rule for _ in range(1000)]
+    again = Faults(rng=random.Random(7))
+    again.add("error", lambda request: True, rate=0.3)
+    assert struck == [again._strike(None, ("error",)) is not None for _ in range(1000)]
+    assert 200 < sum(struck) < 400
