@@ -5,25 +5,17 @@ Each command is a thin shell over a tested core; imports happen inside the comma
 (a file, a name, a flag, a refused API call) is one line naming it, exit code 2, no traceback
 unless `--debug`.
 
-`status`, `report` and `logs` read local runs from storage, or SelfAlignRuns from a cluster when
-any of `-n`, `-A`, `--kubeconfig` or `--context` is given; `suspend`, `resume` and `retry` always
-talk to a cluster, by changing the run's spec as a GitOps commit would.
+The commands that look at runs and steer them (status, report, logs, suspend, resume, retry)
+are in run_commands.py; this module holds the parser, the error handling and the rest.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import time
-from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
-
-TERMINAL = ("Succeeded", "Failed")
-POLL_SECONDS = 2.0  # local --watch: status.json is a file, there is no watch to subscribe to
 
 
 class UserError(Exception):
@@ -39,93 +31,10 @@ def _run(args: argparse.Namespace) -> int:
     documents = _manifests(args.file)
     if len(documents) != 1:
         raise UserError(f"{args.file}: expected one SelfAlignRun, found {len(documents)} documents")
-    run = load_run(documents[0], _uri(args.storage) if args.storage else None)
+    run = load_run(documents[0], path_uri(args.storage) if args.storage else None)
     print(f"run {run.name}: {run.spec.rounds} round(s) of {run.spec.recipe}; artifacts in {run.uri}")
     live = sys.stdout if sys.stdout.isatty() and not args.verbose else None
     return run_local(run, args.scratch, verbose=args.verbose, live=live)
-
-
-def _status(args: argparse.Namespace) -> int:
-    from .report import run_table, runs_table
-
-    if args.run is None:
-        if args.watch and _on_cluster(args):
-            return _watch_list(args)
-        listed = _list(args)
-        _print(listed, args.output, lambda rows: runs_table([r for r, _ in rows]) if rows else _nothing(args),
-               [obj for _, obj in listed])
-        return 0
-    snapshots = _snapshots(args) if args.watch else iter([_one(args)])
-    shown = None
-    for run, obj, artifacts_read in snapshots:
-        if obj != shown:
-            _print(run, args.output, lambda r: run_table(r, artifacts_read).rstrip("\n"), obj)
-            shown = obj
-    return 0 if not args.watch or (shown or {}).get("status", {}).get("phase") == "Succeeded" else 1
-
-
-def _report(args: argparse.Namespace) -> int:
-    from .report import read_run, run_location
-    from .report_html import write_report
-
-    if _on_cluster(args):
-        from . import cluster_view
-
-        obj = cluster_view.get_run(_cluster(args), args.run)
-        found = cluster_view.as_run(obj)
-        found = dataclasses.replace(read_run(found.uri), name=found.name, status=found.status, spec=found.spec)
-    else:
-        found = read_run(run_location(args.run, _uri(args.storage)))
-        if not found.status and not found.manifests:
-            raise UserError(f"no run at {found.uri} (selfalign status lists the runs under {args.storage})")
-    page = write_report(found, args.out)
-    print(f"report of run {found.name} ({found.status.get('phase', 'phase unknown')}): {page}")
-    return 0
-
-
-def _logs(args: argparse.Namespace) -> int:
-    run, _, _ = _one(args)
-    round_, stage = _stage_of(run.status, args.round, args.stage)
-    if _on_cluster(args):
-        from . import cluster_view
-
-        cluster = _cluster(args)
-        job = run.record(round_, stage).get("job")
-        pods = cluster_view.stage_pods(cluster, job) if job else []
-        if not pods:
-            raise UserError(f"run {run.name}: round {round_ + 1} {stage} has no Pod (not started, or deleted "
-                            "with its Job after the Job's TTL)")
-        for pod in pods:
-            if len(pods) > 1:
-                print(f"==> {pod['metadata']['name']} <==")
-            for text in cluster_view.pod_log(cluster, pod["metadata"]["name"], args.follow):
-                print(text, end="", flush=True)
-        return 0
-    from selfalign.stages import storage
-
-    from .local import stage_log_uri
-
-    uri = stage_log_uri(run.uri, round_, stage)
-    if not storage.exists(uri):
-        raise UserError(f"run {run.name}: no log of round {round_ + 1} {stage} at {uri}")
-    print(storage.read_text(uri), end="")
-    return 0
-
-
-def _suspend(args: argparse.Namespace) -> int:
-    return _patch(args, {"suspend": True}, "suspended: the running stage stops; resume continues it")
-
-
-def _resume(args: argparse.Namespace) -> int:
-    return _patch(args, {"suspend": False}, "resumed")
-
-
-def _retry(args: argparse.Namespace) -> int:
-    from . import cluster_view
-
-    obj = cluster_view.get_run(_cluster(args), args.run)
-    retry = int((obj.get("spec") or {}).get("retry") or 0) + 1
-    return _patch(args, {"retry": retry}, f"spec.retry is now {retry}: the failed stage runs again")
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -167,7 +76,7 @@ def _render(args: argparse.Namespace) -> int:
 def _dedup(args: argparse.Namespace) -> int:
     from selfalign.stages.dedup import dedup_file
 
-    counts = dedup_file(_uri(args.pool) if args.pool else None, _uri(args.candidates), _uri(args.out), args.threshold)
+    counts = dedup_file(path_uri(args.pool) if args.pool else None, path_uri(args.candidates), path_uri(args.out), args.threshold)
     print(json.dumps(counts))
     return 0
 
@@ -175,7 +84,7 @@ def _dedup(args: argparse.Namespace) -> int:
 def _coverage(args: argparse.Namespace) -> int:
     from selfalign.stages.coverage_report import coverage_command
 
-    report = coverage_command(reference=_uri(args.reference), instructions=_uri(args.instructions),
+    report = coverage_command(reference=path_uri(args.reference), instructions=path_uri(args.instructions),
                               out_dir=str(args.out), gaps=args.gaps, similarity=args.similarity, k=args.k,
                               embedder=args.embedder)
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
@@ -187,150 +96,6 @@ def _operator(args: argparse.Namespace) -> int:
 
     run_operator(namespaces=args.namespace or None, peering=args.peering, liveness=args.liveness,
                  metrics_port=args.metrics_port)
-    return 0
-
-
-# --- reading runs, locally or from a cluster --------------------------------------------------
-
-def _on_cluster(args: argparse.Namespace) -> bool:
-    return any(getattr(args, flag, None) for flag in ("namespace", "all_namespaces", "kubeconfig", "context"))
-
-
-def _cluster(args: argparse.Namespace):
-    from . import cluster_view
-
-    return cluster_view.connect(args.kubeconfig, args.context, args.namespace)
-
-
-def _list(args: argparse.Namespace) -> list[tuple[Any, dict[str, Any]]]:
-    """(row, object) of every run: SelfAlignRuns, or local runs as SelfAlignRun-shaped objects."""
-    if _on_cluster(args):
-        from . import cluster_view
-
-        objects = cluster_view.list_runs(_cluster(args), args.all_namespaces)
-        return [(cluster_view.row(o, args.all_namespaces), o) for o in objects]
-    from .report import list_runs
-
-    return [(r, _local_object(r.name, r.spec, r.status)) for r in list_runs(_uri(args.storage))]
-
-
-def _nothing(args: argparse.Namespace) -> str:
-    from .local import LOCAL_NAMESPACE
-
-    if not _on_cluster(args):
-        return f"no runs under {_uri(args.storage)}/{LOCAL_NAMESPACE}/"
-    return "no SelfAlignRuns" + ("" if args.all_namespaces else " in this namespace")
-
-
-def _one(args: argparse.Namespace) -> tuple[Any, dict[str, Any], bool]:
-    """(Run, its object, whether its artifacts were read) of the run the user named."""
-    if _on_cluster(args):
-        from . import cluster_view
-
-        obj = cluster_view.get_run(_cluster(args), args.run)
-        return cluster_view.as_run(obj), obj, False
-    from .report import read_run, run_location
-
-    found = read_run(run_location(args.run, _uri(args.storage)))
-    if not found.status and not found.manifests:
-        raise UserError(f"no run at {found.uri} (selfalign status lists the runs under {args.storage})")
-    return found, _local_object(found.name, found.spec, found.status), True
-
-
-def _snapshots(args: argparse.Namespace) -> Iterator[tuple[Any, dict[str, Any], bool]]:
-    """The run each time it changes, until it has finished (for the spec it was last given)."""
-    if _on_cluster(args):
-        from . import cluster_view
-
-        first = _one(args)
-        changes = (_with(cluster_view.as_run(o), o) for o in
-                   cluster_view.watch_runs(_cluster(args), False, args.run))
-    else:
-        first = _one(args)
-        changes = _polled(lambda: _one(args))
-    for snapshot in _chain(first, changes):
-        yield snapshot
-        obj = snapshot[1]
-        status, generation = obj.get("status") or {}, (obj.get("metadata") or {}).get("generation", 1)
-        if status.get("phase") in TERMINAL and status.get("observedGeneration", generation) >= generation:
-            return
-
-
-def _with(run: Any, obj: dict[str, Any]) -> tuple[Any, dict[str, Any], bool]:
-    return run, obj, False
-
-
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
-
-
-def _polled(read: Callable[[], Any]) -> Iterator[Any]:
-    while True:
-        time.sleep(POLL_SECONDS)
-        yield read()
-
-
-def _watch_list(args: argparse.Namespace) -> int:
-    """A row per change, as `kubectl get -w` prints them; until Ctrl-C."""
-    from . import cluster_view
-    from .report import runs_table
-
-    listed = _list(args)
-    _print(listed, args.output, lambda rows: runs_table([r for r, _ in rows]), [obj for _, obj in listed])
-    for obj in cluster_view.watch_runs(_cluster(args), args.all_namespaces):
-        row = cluster_view.row(obj, args.all_namespaces)
-        _print(row, args.output, lambda r: runs_table([r]).splitlines()[1], obj)
-    return 0
-
-
-def _local_object(name: str, spec: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
-    """A local run in the shape of a SelfAlignRun, so `-o json|yaml` reads the same everywhere."""
-    from .local import LOCAL_NAMESPACE
-    from .naming import GROUP, KIND, VERSION
-
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": name, "namespace": LOCAL_NAMESPACE},
-            "spec": spec, "status": status}
-
-
-def _print(value: Any, output: str, table: Callable[[Any], str], obj: Any) -> None:
-    """`table(value)` for people; the object(s) as JSON or YAML for programs."""
-    import yaml
-
-    if isinstance(obj, list):
-        obj = {"apiVersion": "v1", "kind": "List", "items": obj}
-    if output == "json":
-        print(json.dumps(obj, indent=2), flush=True)
-    elif output == "yaml":
-        print(yaml.safe_dump(obj, sort_keys=False) + "---", flush=True)
-    else:
-        print(table(value), flush=True)
-
-
-def _stage_of(status: dict[str, Any], round_: int | None, stage: str | None) -> tuple[int, str]:
-    """(round index, stage): as asked (rounds counted from 1), else where the run is."""
-    from .spec import STAGES
-
-    index = round_ - 1 if round_ is not None else status.get("round")
-    stage = stage or status.get("stage")
-    if index is None or stage is None:
-        raise UserError("the run has not started a stage yet: give --round and --stage")
-    if index < 0 or stage not in STAGES:
-        raise UserError(f"--round counts from 1 and --stage is one of {', '.join(STAGES)}")
-    return index, stage
-
-
-def _patch(args: argparse.Namespace, spec: dict[str, Any], done: str) -> int:
-    from . import cluster_view
-    from .naming import KIND
-
-    cluster = _cluster(args)
-    stored = cluster_view.patch_spec(cluster, args.run, spec).get("spec") or {}
-    dropped = [field for field, value in spec.items() if stored.get(field) != value]
-    if dropped:  # an API server prunes fields its CRD does not define
-        raise UserError(f"{args.run}: the cluster's {KIND} CRD has no spec.{dropped[0]}: the API server dropped it "
-                        "(an operator version that has it is needed)")
-    print(f"{args.run} (namespace {cluster.namespace}): {done}")
     return 0
 
 
@@ -355,7 +120,7 @@ def _manifests(path: Path) -> list[dict]:
     return [d for d in yaml.load_all(path.read_text(), Loader=ManifestLoader) if d]
 
 
-def _uri(path_or_uri: str) -> str:
+def path_uri(path_or_uri: str) -> str:
     """Plain paths on the command line become file:// URIs; URIs pass through."""
     if "://" in path_or_uri:
         return path_or_uri
@@ -365,6 +130,7 @@ def _uri(path_or_uri: str) -> str:
 # --- the parser -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import run_commands as runs
     from .local import default_storage
 
     common = argparse.ArgumentParser(add_help=False)
@@ -403,23 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--watch", action="store_true",
                    help="print again on every change; one run: until it ends (exit 0 Succeeded, 1 Failed)")
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
-    p.set_defaults(func=_status)
+    p.set_defaults(func=runs.status)
 
     p = commands.add_parser("report", parents=[common, where], help="a static HTML report of a run, readable offline")
     p.add_argument("run", help="a run name, a local run folder, or a run URI")
     p.add_argument("--out", required=True, type=Path, help="directory for index.html")
-    p.set_defaults(func=_report, all_namespaces=False)
+    p.set_defaults(func=runs.report, all_namespaces=False)
 
     p = commands.add_parser("logs", parents=[common, where], help="a stage's own log (default: the current stage)")
     p.add_argument("run", help="a run name, a local run folder, or a run URI")
     p.add_argument("--round", type=int, help="round, counted from 1 as status shows it")
     p.add_argument("--stage", help="synthesize, assess, train, merge or coverage")
     p.add_argument("-f", "--follow", action="store_true", help="a cluster: stream the log while the stage runs")
-    p.set_defaults(func=_logs, all_namespaces=False)
+    p.set_defaults(func=runs.logs, all_namespaces=False)
 
-    for name, func, text in (("suspend", _suspend, "set spec.suspend: stop the running stage, start nothing new"),
-                             ("resume", _resume, "clear spec.suspend: continue where the run stopped"),
-                             ("retry", _retry, "raise spec.retry by one: run the failed stage again")):
+    for name, func, text in (("suspend", runs.suspend, "set spec.suspend: stop the running stage, start nothing new"),
+                             ("resume", runs.resume, "clear spec.suspend: continue where the run stopped"),
+                             ("retry", runs.retry, "raise spec.retry by one: run the failed stage again")):
         p = commands.add_parser(name, parents=[common, on_cluster], help=text)
         p.set_defaults(func=func)
 
@@ -490,4 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The package's own module, not this __main__ copy: run_commands raises the UserError it imports.
+    from selfalign.operator.cli import main as package_main
+
+    sys.exit(package_main())

@@ -88,9 +88,11 @@ def list_runs(cluster: Cluster, all_namespaces: bool) -> list[dict[str, Any]]:
     return sorted(found.get("items") or [], key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
 
 
-def watch_runs(cluster: Cluster, all_namespaces: bool, name: str | None = None) -> Iterator[dict[str, Any]]:
-    """Each SelfAlignRun (or only `name`) every time it changes, from a watch (no polling) that is
-    resumed where it left off when the API server ends it."""
+def watch_runs(cluster: Cluster, all_namespaces: bool,
+               name: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(ADDED | MODIFIED | DELETED, object) of each SelfAlignRun (or only `name`) every time it
+    changes, from a watch (no polling) that is resumed where it left off when the API server
+    ends it."""
     from kubernetes import watch
 
     custom = _custom(cluster)
@@ -105,8 +107,8 @@ def watch_runs(cluster: Cluster, all_namespaces: bool, name: str | None = None) 
             while (event := _call(next, stream, None)) is not None:
                 obj = event["object"]
                 options["resource_version"] = obj["metadata"].get("resourceVersion")
-                if event["type"] in ("ADDED", "MODIFIED") and (name is None or obj["metadata"]["name"] == name):
-                    yield obj
+                if event["type"] in ("ADDED", "MODIFIED", "DELETED") and name in (None, obj["metadata"]["name"]):
+                    yield event["type"], obj
         except ClusterError as exc:
             if exc.status != 410:  # Gone: the version is too old to resume from; start afresh
                 raise

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfalign.operator import cli
+from selfalign.operator import cli, run_commands
 from selfalign.operator.naming import LABEL_JOB
 from selfalign.operator.planner import JobObservation, plan
 from selfalign.operator.spec import parse_spec
@@ -183,3 +183,25 @@ async def test_report_of_a_cluster_run_reads_its_status_from_the_run_and_its_art
     assert code == 0 and out == f"report of run rep (Succeeded): {tmp_path / 'out' / 'index.html'}\n"
     page = (tmp_path / "out" / "index.html").read_text()
     assert "1 of 2 finished" in page  # the total from the run's spec, round 0 from its manifest
+
+
+async def test_watching_every_run_lists_them_again_on_each_change(emulator, kubeconfig):
+    await create(emulator, "a", planned_status("a", valid_base()))
+    args = cli.build_parser().parse_args(["status", "--watch", "--kubeconfig", str(kubeconfig)])
+    listings = run_commands._listings(args)
+
+    def next_names(before):
+        """The names of the next listing that differs from `before` (a watch may repeat one)."""
+        while (names := [row.name for row, _ in next(listings)]) == before:
+            pass
+        return names
+
+    assert await asyncio.to_thread(next_names, None) == ["a"]
+    following = asyncio.create_task(asyncio.to_thread(next_names, ["a"]))
+    await asyncio.sleep(0.5)
+    await create(emulator, "b")
+    assert await asyncio.wait_for(following, 30) == ["a", "b"]
+    following = asyncio.create_task(asyncio.to_thread(next_names, ["a", "b"]))
+    await asyncio.sleep(0.5)
+    await api(emulator, "DELETE", f"{RUNS}/a")
+    assert await asyncio.wait_for(following, 30) == ["b"]

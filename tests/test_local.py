@@ -5,6 +5,7 @@ through the same runner are tests/test_e2e.py's.
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfalign.operator import cli
+from selfalign.operator import cli, report, run_commands
 from selfalign.operator.local import Progress, default_storage, load_run, run_local
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,3 +89,35 @@ def test_runs_without_storage_live_in_the_users_data_directory(tmp_path, monkeyp
     assert load_run(manifest).uri == f"{default_storage()}/local/tiny"
     monkeypatch.delenv("XDG_DATA_HOME")
     assert default_storage() == (Path.home() / ".local" / "share" / "selfalign" / "runs").as_uri()
+
+
+def test_status_prints_a_local_run_as_a_selfalignrun_object(tmp_path, capsys):
+    campaign(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["status", "tiny", "--storage", str(tmp_path / "runs"), "-o", "json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert (obj["kind"], obj["metadata"]) == ("SelfAlignRun", {"name": "tiny", "namespace": "local"})
+    assert obj["spec"]["rounds"] == 2 and obj["status"]["phase"] == "Succeeded"
+    assert cli.main(["status", "--storage", str(tmp_path / "runs"), "-o", "yaml"]) == 0
+    listed = yaml.safe_load(capsys.readouterr().out.removesuffix("---\n"))
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["tiny"]
+
+
+def test_watching_a_local_run_prints_each_change_until_it_ends(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run_commands, "POLL_SECONDS", 0.05)
+    folder = tmp_path / "runs" / "local" / "w"
+    folder.mkdir(parents=True)
+    states = iter([{"phase": "Running", "round": 0, "stage": "train"},
+                   {"phase": "Running", "round": 0, "stage": "train"},
+                   {"phase": "Running", "round": 1, "stage": "merge"},
+                   {"phase": "Failed", "round": 1, "stage": "merge"}])
+
+    def read_run(uri, real=report.read_run):
+        (folder / "status.json").write_text(json.dumps(next(states)))
+        return real(uri)
+
+    monkeypatch.setattr(report, "read_run", read_run)
+    assert cli.main(["status", "w", "--storage", str(tmp_path / "runs"), "--watch"]) == 1
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run w:")]
+    assert heads == ["run w: Running, round 1 stage train", "run w: Running, round 2 stage merge",
+                     "run w: Failed, round 2 stage merge"]
