@@ -301,7 +301,9 @@ def client_needs() -> set:
                    if name.endswith("Api") and inspect.isclass(cls)}
     api_methods = {m for c in api_classes.values() for m in dir(c) if not m.startswith("_")}
     constants = {k: v for k, v in vars(naming).items() if isinstance(v, str)}
-    trees = {p: ast.parse(p.read_text()) for p in sorted((ROOT / "operator").glob("*.py"))}
+    # cluster_view.py's calls are the CLI's, made with the user's kubeconfig, not the operator's.
+    trees = {p: ast.parse(p.read_text()) for p in sorted((ROOT / "operator").glob("*.py"))
+             if p.name != "cluster_view.py"}
     # The API classes the operator instantiates decide which group a shared method name means.
     instantiated = {node.func.attr for tree in trees.values() for node in ast.walk(tree)
                     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
