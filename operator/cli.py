@@ -76,7 +76,8 @@ def _render(args: argparse.Namespace) -> int:
 def _dedup(args: argparse.Namespace) -> int:
     from selfalign.stages.dedup import dedup_file
 
-    counts = dedup_file(path_uri(args.pool) if args.pool else None, path_uri(args.candidates), path_uri(args.out), args.threshold)
+    counts = dedup_file(path_uri(args.pool) if args.pool else None, path_uri(args.candidates),
+                        path_uri(args.out), args.threshold)
     print(json.dumps(counts))
     return 0
 
@@ -134,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .local import default_storage
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # Unset unless given, so that `selfalign --debug CMD` is not undone by CMD's own default.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
 
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--storage", default=default_storage(),
@@ -189,25 +192,28 @@ def build_parser() -> argparse.ArgumentParser:
         p = commands.add_parser(name, parents=[common, on_cluster], help=text)
         p.set_defaults(func=func)
 
-    p = commands.add_parser("validate", parents=[common],
-                            help="check SelfAlignRun manifests offline (CRD schema + typed spec); other kinds are skipped")
+    p = commands.add_parser("validate", parents=[common], help="check SelfAlignRun manifests offline "
+                            "(CRD schema + typed spec); other kinds of objects are skipped")
     p.add_argument("files", nargs="+", type=Path, help="YAML files; - reads standard input")
     p.add_argument("--local", action="store_true", help="for `selfalign run`: file:// storage allowed")
     p.set_defaults(func=_validate)
 
-    p = commands.add_parser("render", parents=[common], help="print every object the operator would create for a round")
+    p = commands.add_parser("render", parents=[common],
+                            help="print every object the operator would create for a round")
     p.add_argument("file", type=Path)
     p.add_argument("--round", type=int, default=0, help="round index, from 0 as in the Jobs' names (default: 0)")
     p.set_defaults(func=_render)
 
-    p = commands.add_parser("dedup", parents=[common], help="drop ROUGE-L near-duplicates of a pool from a JSONL file")
+    p = commands.add_parser("dedup", parents=[common],
+                            help="drop ROUGE-L near-duplicates of a pool from a JSONL file")
     p.add_argument("--pool", help="JSONL with `instruction` already accepted (optional)")
     p.add_argument("--candidates", required=True, help="JSONL with `instruction`")
     p.add_argument("--out", required=True, help="where the kept rows are written")
     p.add_argument("--threshold", type=float, default=0.7, help="reject when ROUGE-L F1 > this")
     p.set_defaults(func=_dedup)
 
-    p = commands.add_parser("coverage", parents=[common], help="how well an instruction set covers a reference corpus")
+    p = commands.add_parser("coverage", parents=[common],
+                            help="how well an instruction set covers a reference corpus")
     p.add_argument("--reference", required=True, help="JSONL with `text` (optional id, domain) or text lines")
     p.add_argument("--instructions", required=True, help="JSONL with `instruction` (optional input, output)")
     p.add_argument("--out", required=True, type=Path, help="directory for report.json, gaps.jsonl, coverage.png")
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        if args.debug or not isinstance(exc, _user_error_types()):
+        if getattr(args, "debug", False) or not isinstance(exc, _user_error_types()):
             raise
         for line in str(exc).splitlines() or [type(exc).__name__]:
             print(f"selfalign {args.command}: {line}", file=sys.stderr)

@@ -196,8 +196,8 @@ def _local_object(name: str, spec: dict[str, Any], status: dict[str, Any]) -> di
     from .local import LOCAL_NAMESPACE
     from .naming import GROUP, KIND, VERSION
 
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": name, "namespace": LOCAL_NAMESPACE},
-            "spec": spec, "status": status}
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+            "metadata": {"name": name, "namespace": LOCAL_NAMESPACE}, "spec": spec, "status": status}
 
 
 def _print(value: Any, output: str, table: Callable[[Any], str], obj: Any) -> None:

@@ -100,8 +100,8 @@ def test_a_missing_file_is_one_line_naming_it_and_debug_shows_the_traceback(tmp_
     result = selfalign("run", str(missing))
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"selfalign run: {missing}#0: (file): cannot read: No such file or directory\n"
-    debug = selfalign("run", str(missing), "--debug")
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+    for debug in (selfalign("run", str(missing), "--debug"), selfalign("--debug", "run", str(missing))):
+        assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr
 
 
 def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):

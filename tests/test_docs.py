@@ -222,7 +222,8 @@ def test_the_chart_takes_global_values_as_an_umbrella_chart_passes_them(tmp_path
     umbrella.mkdir()
     (umbrella / "Chart.yaml").write_text(yaml.safe_dump({
         "apiVersion": "v2", "name": "platform", "version": "0.1.0",
-        "dependencies": [{"name": "selfalign", "version": ">=0", "repository": (REPO / "charts" / "selfalign").as_uri()}]}))
+        "dependencies": [{"name": "selfalign", "version": ">=0",
+                          "repository": (REPO / "charts" / "selfalign").as_uri()}]}))
     (umbrella / "values.yaml").write_text("global:\n  imageRegistry: registry.example.com\n")
     tool([str(BIN / "helm"), "dependency", "build", str(umbrella)], tmp_path)
     rendered = tool([str(BIN / "helm"), "template", "platform", str(umbrella)], tmp_path)
