@@ -170,7 +170,10 @@ class Reconciler:
                 result = status_rejected(run.get("status"), _api_message(exc), now, generation=generation)
                 stored = self.kube.write_status(run, result.status)
             if stored is None:
-                logger.info("status write conflicted; the run's next event reconciles it run=%s", name)
+                # The run moved on: its next event reconciles it, or, should none come (a 409 from
+                # a proxy, a webhook), the pass after RETRY_BASE does.
+                logger.info("status write conflicted run=%s", name)
+                self._later(namespace, name, RETRY_BASE, cache, logger)
                 return
             with self._guard:
                 self._written[(namespace, name)] = stored

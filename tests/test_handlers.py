@@ -195,14 +195,18 @@ class ApiDouble:
         self.objects = {(o["kind"], o["metadata"]["name"]): o for o in stored}
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, list[BaseException]] = {}
+        self.conflicts = 0  # status writes answered 409
 
     def _call(self, method: str, what: str) -> None:
         self.calls.append((method, what))
         if self.fail.get(method):
             raise self.fail[method].pop(0)
 
-    def write_status(self, run: dict, status: dict) -> dict:
+    def write_status(self, run: dict, status: dict) -> dict | None:
         self._call("write_status", status.get("phase", ""))
+        if self.conflicts:
+            self.conflicts -= 1
+            return None
         meta = {**run["metadata"], "resourceVersion": str(int(run["metadata"]["resourceVersion"]) + 1)}
         return {**run, "metadata": meta, "status": status}
 
@@ -341,6 +345,14 @@ def test_a_failed_pass_is_tried_again_without_any_event(reconciler_with, monkeyp
         reconciler_with(kube).request("ns", "r", cache_of(a_run()), LOG)
     wait_until(lambda: f"Job {SYNTH}" in kube.created())
     assert [what for method, what in kube.calls if method == "write_status"] == ["Running"] * 3
+
+
+def test_a_conflicting_status_write_is_tried_again_even_if_no_event_follows(reconciler_with, monkeypatch):
+    monkeypatch.setattr(reconciler_module, "RETRY_BASE", 0.01)
+    kube = ApiDouble()
+    kube.conflicts = 1
+    reconciler_with(kube).request("ns", "r", cache_of(a_run()), LOG)
+    wait_until(lambda: f"Job {SYNTH}" in kube.created())
 
 
 @pytest.mark.parametrize("phase, resynced", [(None, True), ("Pending", True), ("Running", True),
