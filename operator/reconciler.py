@@ -91,8 +91,11 @@ class Reconciler:
         self._timers: dict[tuple[str, str], tuple[float, threading.Timer]] = {}  # run -> next pass (due, timer)
         self._closed = threading.Event()
 
-    def resync(self, cache: Cache, logger: Any, period: float = RESYNC) -> None:
-        """Reconcile every unfinished run every `period` seconds, from a daemon thread, until `close`."""
+    def resync(self, cache: Cache, logger: Any, period: float | None = None) -> None:
+        """Reconcile every unfinished run every `period` (RESYNC) seconds, from a daemon thread,
+        until `close`."""
+        period = RESYNC if period is None else period
+
         def loop() -> None:
             while not self._closed.wait(period):
                 for namespace, name in unfinished_runs(cache.runs):
