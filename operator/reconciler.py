@@ -23,7 +23,7 @@ import time
 import urllib3
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from kubernetes.client.exceptions import ApiException
 
@@ -52,6 +52,17 @@ def unfinished_runs(runs: Mapping) -> list[tuple[str, str]]:
     """The runs the resync reconciles: every run not Succeeded or Failed."""
     return [key for key, bodies in list(runs.items())
             if any((body.get("status") or {}).get("phase") not in FINAL_STAGE_PHASES for body in bodies)]
+
+
+def _retrying(read: Callable[[], list], attempts: int = 10) -> list:
+    """`read()` of kopf's index from another thread: the event loop may change the dict while it
+    is iterated (RuntimeError), which a second look does not meet."""
+    for _ in range(attempts - 1):
+        try:
+            return read()
+        except RuntimeError:
+            continue
+    return read()
 
 
 class Taken(Exception):
@@ -98,7 +109,7 @@ class Reconciler:
 
         def loop() -> None:
             while not self._closed.wait(period):
-                for namespace, name in unfinished_runs(cache.runs):
+                for namespace, name in _retrying(lambda: unfinished_runs(cache.runs)):
                     try:
                         self.request(namespace, name, cache, logger)
                     except Exception:  # its retry is scheduled; the others still get their pass

@@ -368,6 +368,25 @@ def test_the_resync_reconciles_a_run_whose_events_were_lost(reconciler_with):
     wait_until(lambda: f"Job {SYNTH}" in kube.created())
 
 
+class ChangingIndex(dict):
+    """kopf's index as another thread sees it: changed by the event loop while it is iterated."""
+
+    changed = True
+
+    def items(self):
+        if self.changed:
+            self.changed = False
+            raise RuntimeError("dictionary changed size during iteration")
+        return super().items()
+
+
+def test_the_resync_survives_an_index_changing_under_it(reconciler_with):
+    kube = ApiDouble()
+    runs = ChangingIndex({("ns", "r"): [a_run()]})
+    reconciler_with(kube).resync(Cache(runs, {}, {}), LOG, period=0.01)
+    wait_until(lambda: f"Job {SYNTH}" in kube.created())
+
+
 def wait_until(predicate, timeout: float = 30.0) -> None:
     """A watchdog for what background threads do; no assertion on how long it takes."""
     deadline = time.monotonic() + timeout
