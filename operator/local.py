@@ -204,7 +204,8 @@ def _run_stage(run: LocalRun, job: EnsureJob, spec_file: Path, scratch: Path, st
             storage.write_bytes(log_uri, log_path.read_bytes())
         if code == 0:
             line.progress.seconds.setdefault(job.stage, []).append(time.monotonic() - began)
-            line.finish(f"done in {_clock(time.monotonic() - began)}: {_brief(result)}", True)
+            brief = _brief(job, result)
+            line.finish(f"done in {_clock(time.monotonic() - began)}" + (f": {brief}" if brief else ""), True)
             return JobObservation(job.name, job.round, job.stage, "Succeeded", failures=failures, result=result,
                                   start_time=start_time, completion_time=_now())
         failures += 1
@@ -255,8 +256,11 @@ def _read_result(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _brief(result: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in result.items() if isinstance(v, (int, float, str)))[:120]
+def _brief(job: EnsureJob, result: dict[str, Any]) -> str:
+    """What the stage produced, in the words of `selfalign status` (report.key_metric)."""
+    from .report import Run, key_metric
+
+    return key_metric(Run("", "", {}, {(job.round, job.stage): {"summary": result}}), job.round, job.stage)
 
 
 def _mean(values: list[float]) -> float:

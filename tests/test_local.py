@@ -40,6 +40,8 @@ def test_a_campaign_prints_one_line_per_stage_and_keeps_the_stage_output_in_its_
         (n, 1 + (n - 1) // 5, stage) for n, stage in
         enumerate(["synthesize", "assess", "train", "merge", "coverage"] * 2, start=1)]
     assert all(m[4].startswith("done in ") for m in stages)
+    assert re.fullmatch(r"done in \d\d:\d\d; campaign ETA \d\d:\d\d", stages[3][4])  # merge: nothing to show
+    assert re.fullmatch(r"done in \d\d:\d\d: kept 8/\?; campaign ETA .*", stages[6][4])  # as status shows it
     assert "campaign ETA" in stages[0][4] and "campaign ETA" not in stages[-1][4]
     assert lines[-1].endswith("2 rounds finished; model " + tiny(tmp_path / "runs").uri + "/models/round-2")
     assert "fake synthesize" not in capfd.readouterr().out  # the stages' own output is in their logs
