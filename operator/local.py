@@ -35,6 +35,7 @@ LOCAL_NAMESPACE = "local"
 EXIT_BAD_INPUT = 2  # the stage's "retrying cannot help" exit code (stages/__main__.py)
 REFRESH_SECONDS = 1.0  # the running stage's line on a terminal
 BAR_WIDTH = 20
+STAGE_COMMAND = (sys.executable, "-m", "selfalign.stages")  # what a stage Job runs
 
 
 def default_storage() -> str:
@@ -76,9 +77,6 @@ def load_run(manifest: dict[str, Any], storage_override: str | None = None) -> L
     """The run named by a SelfAlignRun manifest, its storage as `with_local_storage` puts it."""
     name = (manifest.get("metadata") or {}).get("name") or "local-run"
     return LocalRun(name, parse_spec(with_local_storage(manifest, storage_override)["spec"]))
-
-
-STAGE_COMMAND = (sys.executable, "-m", "selfalign.stages")  # what a stage Job runs
 
 
 def run_local(run: LocalRun, scratch: Path, echo: Callable[[str], None] = print, *, verbose: bool = False,
