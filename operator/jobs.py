@@ -15,10 +15,10 @@ import hashlib
 import json
 from typing import Any, Mapping
 
-from .lineage import run_uri, stage_model
+from .lineage import stage_model
 from .naming import (GROUP, KIND, LABEL_ROUND, LABEL_RUN, LABEL_STAGE, MAX_LABEL, MAX_NAME, VERSION,
                      config_map_name, job_name)
-from .planner import EnsureJob
+from .planner import EnsureJob, storage_prefix
 from .settings import OperatorSettings
 from .spec import STAGES, RunSpec, SpecError, StageResources, dump_spec, parse_spec
 
@@ -113,7 +113,7 @@ def render_round(manifest: dict, round_: int, settings: OperatorSettings) -> lis
                          f"so rounds are 0..{spec.rounds - 1}"])
     owner = owner_reference({"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                              "metadata": {"name": name, "uid": OFFLINE_UID}})
-    run = run_uri(spec, namespace, name)
+    run = storage_prefix(spec, namespace, name, OFFLINE_UID)  # on a cluster: the run's own uid
     objects = [build_config_map(spec, namespace=namespace, run_name=name, owner=owner)]
     for stage in STAGES:
         ensure = EnsureJob(round_, stage, job_name(name, round_, stage), run,

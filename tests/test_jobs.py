@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from selfalign.operator import jobs
-from selfalign.operator.lineage import run_uri, stage_model
+from selfalign.operator.lineage import stage_model
 from selfalign.operator.naming import LABEL_ROUND, LABEL_RUN, LABEL_STAGE, config_map_name, job_name
-from selfalign.operator.planner import EnsureJob
+from selfalign.operator.planner import EnsureJob, storage_prefix
 from selfalign.operator.settings import OperatorSettings, default_images
 from selfalign.operator.spec import STAGES, SpecError, deep_merge, dump_spec, parse_spec
 from tests.fixtures.crd import admit
@@ -68,8 +68,8 @@ def owner_for(run_name: str) -> dict:
                                  "metadata": {"name": run_name, "uid": f"uid-{run_name}"}})
 
 
-def ensure(spec, run_name: str, round_: int, stage: str) -> EnsureJob:
-    run = run_uri(spec, NAMESPACE, run_name)
+def ensure(spec, run_name: str, round_: int, stage: str, uid: str | None = None) -> EnsureJob:
+    run = storage_prefix(spec, NAMESPACE, run_name, uid)
     return EnsureJob(round_, stage, job_name(run_name, round_, stage), run,
                      stage_model(spec, run, round_, stage))
 
@@ -442,7 +442,7 @@ def test_render_round_is_the_runs_dry_run(variant, round_):
     assert [j["metadata"]["name"] for j in rendered_jobs] == [
         job_name(run_name, round_, s) for s in STAGES]
     assert rendered_jobs == [the_job(jobs.build_stage_objects(
-        spec, ensure(spec, run_name, round_, s), namespace=NAMESPACE, run_name=run_name,
+        spec, ensure(spec, run_name, round_, s, jobs.OFFLINE_UID), namespace=NAMESPACE, run_name=run_name,
         owner=jobs.owner_reference({"apiVersion": "selfalign.dev/v1alpha1", "kind": "SelfAlignRun",
                                     "metadata": {"name": run_name, "uid": jobs.OFFLINE_UID}}),
         settings=SETTINGS)) for s in STAGES]
@@ -465,7 +465,7 @@ def test_render_round_defaults_the_namespace():
     objects = jobs.render_round(manifest_for("cpu-default", namespace=None), 0, SETTINGS)
     assert {o["metadata"]["namespace"] for o in objects} == {"default"}
     command = container(objects[1])["command"]
-    assert command[command.index("--run-uri") + 1] == "file:///runs/default/tiny"
+    assert command[command.index("--run-uri") + 1] == f"file:///runs/default/tiny/{jobs.OFFLINE_UID}"
 
 
 def test_settings_from_env_overrides_images_and_ttl():
