@@ -6,8 +6,12 @@ through the same runner are tests/test_e2e.py's.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +127,26 @@ def test_watching_a_local_run_prints_each_change_until_it_ends(tmp_path, capsys,
     heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run w:")]
     assert heads == ["run w: Running, round 1 stage train", "run w: Running, round 2 stage merge",
                      "run w: Failed, round 2 stage merge"]
+
+
+def test_ctrl_c_stops_the_running_stage_and_the_same_command_resumes(tmp_path):
+    script = (f"import sys, yaml\nfrom pathlib import Path\n"
+              f"from selfalign.operator.local import load_run, run_local\n"
+              f"run = load_run(yaml.safe_load(open({str(REPO / 'examples' / 'tiny.yaml')!r})), "
+              f"{(tmp_path / 'runs').as_uri()!r})\n"
+              f"sys.exit(run_local(run, Path({str(tmp_path / 'scratch')!r}), stage_command=tuple(sys.argv[1:])))\n")
+    sleeper = (sys.executable, "-c", "import time; print('stage started', flush=True); time.sleep(60)")
+    started = subprocess.Popen([sys.executable, "-c", script, *sleeper], stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    log = tmp_path / "runs" / "local" / "tiny" / "logs" / "round-0-synthesize.log"
+    deadline = time.monotonic() + 60
+    while "stage started" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline and started.poll() is None
+        time.sleep(0.1)
+    os.killpg(started.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+    out, _ = started.communicate(timeout=30)
+    assert started.returncode == 130
+    assert out.splitlines()[-1] == "stopped during round 1 synthesize; run the same command again to resume"
+    resumed = subprocess.run([sys.executable, "-c", script, *FAKE], capture_output=True, text=True, timeout=120)
+    model = f"{(tmp_path / 'runs').as_uri()}/local/tiny/models/round-2"
+    assert resumed.returncode == 0 and resumed.stdout.splitlines()[-1].endswith(f"2 rounds finished; model {model}")
