@@ -84,3 +84,20 @@ async def test_faults_on_the_operators_requests_are_retried_until_the_run_succee
     assert status["phase"] == "Succeeded", status.get("message")
     assert Counter(cluster.kubelet.started) == {job: 1 for job in expected_jobs("shaky", 2)}
     assert {"error", "lost", "hang", "drop"} <= set(faults.injected)
+
+
+async def test_dropped_watches_resume_without_relisting_and_children_are_filtered_server_side(cluster):
+    """kopf resumes a dropped watch from its last resourceVersion (nothing is listed again, so
+    nothing is delivered again), and asks for the operator's Jobs and Pods only."""
+    cluster.emulator.faults.add("drop", requests(action=kmock.action.WATCH, by=sent_by_operator), limit=6,
+                                after_events=2)
+    await cluster.create_run("resumed", run_spec(rounds=1))
+    assert (await cluster.wait_phase("resumed", "Succeeded", "Failed"))["phase"] == "Succeeded"
+    assert cluster.emulator.faults.injected["drop"] == 6
+    sent = [r for r in cluster.operator_requests() if r.resource is not None and r.resource.plural in ("jobs", "pods")]
+    lists = [r for r in sent if r.action == kmock.action.LIST]
+    watches = [r for r in sent if r.action == kmock.action.WATCH]
+    assert sorted(r.resource.plural for r in lists) == ["jobs", "pods"]  # once each, at start
+    assert len(watches) > 2 and all(r.params.get("resourceVersion") for r in watches)
+    assert {r.resource.plural: r.params.get("labelSelector") for r in lists + watches} == {
+        "jobs": "selfalign.dev/run", "pods": "selfalign.dev/run,batch.kubernetes.io/job-name"}
