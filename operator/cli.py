@@ -254,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        if getattr(args, "debug", False) or not isinstance(exc, _user_error_types()):
+        named_file = isinstance(exc, OSError) and exc.filename is not None  # a path the user gave
+        if getattr(args, "debug", False) or not (named_file or isinstance(exc, _user_error_types())):
             raise
-        for line in str(exc).splitlines() or [type(exc).__name__]:
+        message = f"{exc.filename}: {exc.strerror}" if named_file else str(exc)
+        for line in message.splitlines() or [type(exc).__name__]:
             print(f"selfalign {args.command}: {line}", file=sys.stderr)
         return 2
 

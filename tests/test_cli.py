@@ -104,6 +104,14 @@ def test_a_missing_file_is_one_line_naming_it_and_debug_shows_the_traceback(tmp_
         assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr
 
 
+def test_a_path_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    (tmp_path / "file").write_text("")
+    scratch = tmp_path / "file" / "scratch"
+    result = selfalign("run", str(REPO / "examples" / "tiny.yaml"), "--storage", str(tmp_path / "runs"),
+                       "--scratch", str(scratch))
+    assert result.returncode == 2 and result.stderr == f"selfalign run: {scratch}: Not a directory\n"
+
+
 def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("apiVersion: selfalign.dev/v1alpha1\nkind: SelfAlignRun\nspec: [unclosed\n")
