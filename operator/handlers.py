@@ -3,11 +3,13 @@
 A pass is level-triggered and idempotent: read the run, its Jobs and their Pods from kopf's
 in-memory indices (filled by the same watch streams that deliver the events, as an informer cache
 is), `plan`, write the status once (only if it changed, through the status subresource, before any
-child exists), create what the plan needs (409 = done), then post the plan's Events. The API sees
-only writes. Nothing polls on a fixed period: the run's own watch (whose initial listing also
-resumes every run after a restart) and its children's watches are the triggers; a Pod matters only
-when it ends. A renewed watch resumes from its last resourceVersion and re-delivers nothing, so
-the reconciler retries a failed pass itself and resyncs every unfinished run periodically.
+child exists), create what the plan needs (409 = done when the existing child is the run's own, by
+uid), then post the plan's Events. The API sees writes, and a read only after a 409. The triggers
+are the run's own watch (whose initial listing also resumes every run after a restart) and its
+children's watches, filtered by label on the server; a Pod matters only when it ends. A renewed
+watch resumes from its last resourceVersion and delivers nothing again, so the reconciler also
+retries a failed pass itself and resyncs every unfinished run every 5 minutes: the safety net,
+not the trigger.
 
 Two replicas: kopf peering. `selfalign operator --peering NAME` makes peering mandatory (the Helm
 chart installs the ClusterKopfPeering, or a KopfPeering per watched namespace); each replica's

@@ -1,6 +1,7 @@
 """The one module that talks to the Kubernetes API (with the official `kubernetes` client).
 
-Every write is safe to repeat: creates treat 409 as done, and the status write carries the
+Every write is safe to repeat: a create reports 409 (the reconciler then reads whose the existing
+object is: done if the run's own, never adopted otherwise), and the status write carries the
 resourceVersion the plan was computed from, so a stale writer (a replica that lost its peering, a
 handler thread still running after its operator died) gets 409 instead of moving status backwards.
 """

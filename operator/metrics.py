@@ -37,7 +37,7 @@ STAGE_DURATION = Histogram(
     buckets=STAGE_BUCKETS,
 )
 RECONCILE_ERRORS = Counter(
-    "selfalign_reconcile_errors", "Reconcile passes that raised (kopf retries them)"
+    "selfalign_reconcile_errors", "Reconcile passes that raised (each is tried again, with backoff)"
 )
 JOB_GAP = Histogram(
     "selfalign_job_gap_seconds",

@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Callable, Mapping
 
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from . import metrics
