@@ -4,8 +4,8 @@ A pass is level-triggered and idempotent: read the run, its Jobs and their Pods 
 in-memory indices (filled by the same watch streams that deliver the events, as an informer cache
 is), `plan`, write the status once (only if it changed, through the status subresource, before any
 child exists), create what the plan needs (409 = done when the existing child is the run's own, by
-uid), then post the plan's Events. The API sees writes, and a read only after a 409. The triggers
-are the run's own watch (whose initial listing also resumes every run after a restart) and its
+uid), then post the plan's Events. The API sees writes, and reads only to learn whose a 409's
+object is (or the run, where resourceVersions are not integers). The triggers are the run's own watch (whose initial listing also resumes every run after a restart) and its
 children's watches, filtered by label on the server; a Pod matters only when it ends. A renewed
 watch resumes from its last resourceVersion and delivers nothing again, so the reconciler also
 retries a failed pass itself and resyncs every unfinished run every 5 minutes: the safety net,
