@@ -106,6 +106,15 @@ def test_schema_rejects_bad_values_naming_the_field(setting, path):
     assert linted.returncode != 0 and path in linted.stdout + linted.stderr
 
 
+def test_a_job_ttl_below_the_operators_minimum_fails_the_install():
+    from selfalign.operator.settings import MIN_JOB_TTL
+
+    templated = run(tool("helm"), "template", RELEASE, str(CHART), "--set", f"stages.jobTTLSeconds={MIN_JOB_TTL - 1}",
+                    check=False)
+    assert templated.returncode != 0 and f"stages.jobTTLSeconds: must be >= {MIN_JOB_TTL}" in templated.stderr
+    run(tool("helm"), "template", RELEASE, str(CHART), "--set", f"stages.jobTTLSeconds={MIN_JOB_TTL}")
+
+
 # ---- every rendered manifest against the Kubernetes schemas ---------------------------------
 
 @pytest.mark.parametrize("version", [MIN_KUBERNETES, LATEST_KUBERNETES])
