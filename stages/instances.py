@@ -28,6 +28,7 @@ from selfalign.operator.spec import Sampling
 from .engines import TOO_LONG, Engine, template
 from .filters import normalize_instruction
 from .parsing import Task
+from .prompting import TASKS
 from .records import Seed
 
 MAX_INSTANCES = 5  # per task, asked for and kept
@@ -238,13 +239,14 @@ def generate_instances(
     cause."""
     shots = few_shot(seeds, seed)
     answers = engine.generate(
-        [classify_prompt(shots.classify, t.instruction) for t in tasks],
+        [engine.prompt(TASKS, classify_prompt(shots.classify, t.instruction)) for t in tasks],
         CLASSIFY_SAMPLING,
         desc="classification check",
     )
     classification = [is_classification_answer(a.text) for a in answers]
     completions = engine.generate(
-        [instance_prompt(shots, t.instruction, c) for t, c in zip(tasks, classification)],
+        [engine.prompt(TASKS, instance_prompt(shots, t.instruction, c))
+         for t, c in zip(tasks, classification)],
         sampling,
         stop=INSTANCE_STOP,
         desc="instances",

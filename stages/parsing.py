@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 from .filters import normalize_instruction
 
-# Self-Instruct splits a completion on a newline, a number, an optional space and ". ".
-_NUMBERED_ITEM = re.compile(r"\n\d+\s?\. ")
 NOINPUT = "<noinput>"
+INPUT_FIELDS = ("Input", "Context", "Text", "Example", "Data")  # what real models call the input
 
 
 @dataclass(frozen=True)
@@ -26,41 +25,86 @@ class Task:
     input: str = ""
 
 
-def numbered_instructions(completion: str, truncated: bool) -> list[str]:
-    """Instructions of a Self-Instruct completion (the text after the prompt's final "9.").
+def _item_start(number: int) -> re.Pattern:
+    """Where item `number` of a numbered list starts: a line "10. ", "10) ", "10 . " or
+    "Task 10: " (formats SmolLM2 and others write)."""
+    return re.compile(rf"\n[ \t]*(?:Task[ \t]+)?{number}[ \t]?[.):](?=\s|$)[ \t]*")
 
-    A completion cut by the length limit is dropped whole, as in the original: its last item is
-    cut and the model was rambling. Items are whitespace-collapsed; empty items are skipped.
+
+def numbered_instructions(completion: str, truncated: bool, first_number: int = 9) -> list[str]:
+    """Instructions of a Self-Instruct completion (the text after the prompt's final
+    "{first_number}.").
+
+    Items follow the list's own numbering: after item 9 only "10" starts an item, so a number
+    inside an item (a step list, "17. ...") stays part of it, where the original's split on any
+    "\n<number>. " would cut it into pieces. A reply that starts a list of its own ("1. ...", as
+    chat replies do, often echoing the prompt's tasks, which synthesize's ROUGE-L filter removes)
+    follows its own numbering. A completion cut by the length limit is dropped whole, as in the
+    original: its last item is cut and the model was rambling. Items are whitespace-collapsed;
+    empty items are skipped.
     """
     if truncated:
         return []
-    items = (normalize_instruction(item) for item in _NUMBERED_ITEM.split(completion))
-    return [item for item in items if item]
+    items, rest, number = [], completion, first_number + 1
+    if restart := re.match(r"\s*(?:Task[ \t]+)?(\d+)[ \t]?[.):](?=\s|$)[ \t]*", completion):
+        rest, number = completion[restart.end():], int(restart.group(1)) + 1
+    while match := _item_start(number).search(rest):
+        items.append(rest[: match.start()])
+        rest, number = rest[match.end():], number + 1
+    items.append(rest)
+    first = number - len(items)  # the number of items[0]
+    found = (  # "1. 1. Task": a chat reply that numbers its echo of the prompt's list twice
+        normalize_instruction(re.sub(rf"^\s*{first + i}[.)]\s+", "", item)) for i, item in enumerate(items)
+    )
+    return [item for item in found if item]
+
+
+_FIELD_LINE = re.compile(r"^[ \t]*(\d+)[ \t]*\.[ \t]*([A-Za-z][A-Za-z ]*?)[ \t]*:", re.MULTILINE)
+
+
+def _alpaca_task(number: int, body: str) -> Task | None:
+    """One "{number}. Instruction: ..." item, or None when malformed. The input is the field
+    "{number}. Input:" (or another INPUT_FIELDS name) and may be missing; a "{number}. Output:"
+    the model added after it is ignored; any other field line makes the item malformed."""
+    fields = list(_FIELD_LINE.finditer(body))
+    instruction = normalize_instruction(body[: fields[0].start()] if fields else body)
+    input_ = ""
+    if fields:
+        first = fields[0]
+        if int(first.group(1)) != number or first.group(2) not in INPUT_FIELDS:
+            return None
+        end = len(body)
+        if len(fields) > 1:
+            second = fields[1]
+            if int(second.group(1)) != number or second.group(2) != "Output":
+                return None
+            end = second.start()
+        input_ = body[first.end(): end].strip()
+    if input_.lower() == NOINPUT:
+        input_ = ""
+    return Task(instruction, input_) if instruction else None
 
 
 def alpaca_tasks(completion: str, first_number: int, truncated: bool) -> list[Task]:
     """Tasks of an I-SHEEP/Alpaca completion that continues "###\\n{first_number}. Instruction:".
 
-    Chunks are separated by "###"; chunk k must read "{n}. Instruction: ... {n}. Input: ..." with
-    n = first_number + k, else it is skipped. Only the last chunk of a length-cut completion is
-    dropped (the Alpaca intent; I-SHEEP's code drops the last chunk of every completion, which
-    throws away one good task per prompt when the model stopped cleanly).
+    Items follow the numbering: item n + 1 starts at the line "{n + 1}. Instruction:" (after "###"
+    or not: real models drop it). Only the last item of a length-cut completion is dropped (the
+    Alpaca intent; I-SHEEP's code drops the last item of every completion, which throws away one
+    good task per prompt when the model stopped cleanly).
     """
-    chunks = f"{first_number}. Instruction:{completion}".split("###")
+    bodies, rest, number = [], completion, first_number
+    while match := re.search(rf"(?:^|\n)[ \t]*(?:###\s*)?{number + 1}[ \t]*\.[ \t]*Instruction[ \t]*:", rest):
+        bodies.append(rest[: match.start()])
+        rest, number = rest[match.end():], number + 1
+    bodies.append(rest)
     if truncated:
-        chunks = chunks[:-1]
+        bodies = bodies[:-1]
     tasks = []
-    for offset, chunk in enumerate(chunks):
-        number = first_number + offset
-        parts = re.split(rf"{number}\.\s+(Instruction|Input):", chunk)
-        if len(parts) != 5 or parts[1] != "Instruction" or parts[3] != "Input":
-            continue
-        instruction = normalize_instruction(parts[2])
-        input_ = parts[4].strip()
-        if input_.lower() == NOINPUT:
-            input_ = ""
-        if instruction:
-            tasks.append(Task(instruction, input_))
+    for offset, body in enumerate(bodies):
+        task = _alpaca_task(first_number + offset, body.strip().removesuffix("###").strip())
+        if task:
+            tasks.append(task)
     return tasks
 
 
@@ -82,23 +126,45 @@ def json_object(completion: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+# The placeholders of the AITP templates' format examples (prompts/aitp_*.txt): a small model
+# copies them as its reply ({"questions":["first question","second question"]}, {{first_question}},
+# {"answer":"your answer"}); they are the prompt echoed, not content.
+PLACEHOLDERS = ("first question", "second question", "your answer")
+
+
+def _letters(text: str) -> str:
+    return "".join(ch for ch in text.lower() if ch.isalpha())
+
+
+def _content(text: object) -> str | None:
+    """`text` stripped, or None when it is not content: blank, a template placeholder echoed (or a
+    "{{variable}}" of the model's own), or the debris of a reply forced into JSON (a string that
+    opens with "]" or "}" where the model wanted to close the object)."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = text.strip()
+    if text[0] in "]}" or "{{" in text or _letters(text) in {_letters(p) for p in PLACEHOLDERS}:
+        return None
+    return text
+
+
 def questions(completion: str, limit: int) -> list[str]:
     """AITP step (a): {"questions": [...]}, items as strings or {"question": ...} (the original's
-    format); blank and repeated questions are dropped; at most `limit`."""
+    format); blank, echoed, debris and repeated questions are dropped; at most `limit`."""
     reply = json_object(completion)
     items = reply.get("questions") if reply else None
     if not isinstance(items, list):
         return []
     found: list[str] = []
     for item in items:
-        text = item.get("question") if isinstance(item, dict) else item
-        if isinstance(text, str) and text.strip() and text.strip() not in found:
-            found.append(text.strip())
+        text = _content(item.get("question") if isinstance(item, dict) else item)
+        if text and text not in found:
+            found.append(text)
     return found[:limit]
 
 
 def answer(completion: str) -> str | None:
-    """AITP step (c): the "answer" string of {"answer": ...}, or None when absent or blank."""
+    """AITP step (c): the "answer" string of {"answer": ...}, or None when absent, blank or the
+    template's placeholder echoed."""
     reply = json_object(completion)
-    text = reply.get("answer") if reply else None
-    return text.strip() if isinstance(text, str) and text.strip() else None
+    return _content(reply.get("answer") if reply else None)

@@ -24,10 +24,11 @@ from . import parsing, storage
 from .assess import earlier_kept
 from .context import StageContext, StageError, StageOutcome
 from .dedup import RougeDeduper
-from .engines import TOO_LONG, Engine, Prompt, as_prompt, open_engine, template
+from .engines import TOO_LONG, Engine, open_engine, template
 from .filters import instruction_rejection, normalize_instruction
 from .instances import generate_instances
 from .parsing import Task
+from .prompting import RESPONSE, REWRITE, TASKS, Prompt
 from .records import Candidate, RecordError, Seed, load_seeds
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,8 @@ def run(ctx: StageContext) -> StageOutcome:
     machine = machine_pool(earlier_kept(ctx))
     gaps = read_gaps(ctx)
     engine = open_engine(
-        storage.local_path(ctx.model, ctx.scratch),
-        spec.engine,
-        spec.model.dtype,
-        spec.resources.synthesize.gpus,
-        syn.seed,
+        storage.local_path(ctx.model, ctx.scratch), spec, spec.resources.synthesize.gpus, syn.seed
     )
-    chat = ctx.model != spec.model.base
     outputs, metrics = {}, {}
 
     weights = None
@@ -107,10 +103,8 @@ def run(ctx: StageContext) -> StageOutcome:
     generated, rejections, prompts = generate_instructions(
         engine, spec, seeds, machine, weights, ctx.round
     )
-    rewrites, rewrite_drops = rewrite_gaps(engine, spec, gaps, chat)
-    answered, answer_metrics, answer_summary = answer_instructions(
-        engine, spec, seeds, generated, chat
-    )
+    rewrites, rewrite_drops = rewrite_gaps(engine, spec, gaps)
+    answered, answer_metrics, answer_summary = answer_instructions(engine, spec, seeds, generated)
     answered += [
         Answered(rw.question, "", rw.answer, "aitp", source_doc_id=rw.doc_id) for rw in rewrites
     ]
@@ -273,7 +267,7 @@ def generate_instructions(
             for _ in range(size)
         ]
         if self_instruct:
-            prompts = [self_instruct_prompt(examples) for examples, _ in shown]
+            prompts = [engine.prompt(TASKS, self_instruct_prompt(examples)) for examples, _ in shown]
             completions = engine.generate(
                 prompts,
                 syn.instruction_sampling,
@@ -281,13 +275,13 @@ def generate_instructions(
                 desc="instruction prompts",
             )
             parsed = [
-                [Task(i) for i in parsing.numbered_instructions(c.text, c.truncated)]
-                for c in completions
+                [Task(i) for i in parsing.numbered_instructions(c.text, c.truncated, len(ex) + 1)]
+                for c, (ex, _) in zip(completions, shown)
             ]
         else:
             shown_count = len(shown[0][0])  # the same for every prompt of a batch
             completions = engine.generate(
-                [isheep_prompt(examples) for examples, _ in shown],
+                [engine.prompt(TASKS, isheep_prompt(examples)) for examples, _ in shown],
                 syn.instruction_sampling,
                 stop=[f"\n{isheep_total(shown_count) + 1}."],
                 desc="instruction prompts",
@@ -378,9 +372,7 @@ ANSWER_SCHEMA = {
 }
 
 
-def rewrite_gaps(
-    engine: Engine, spec, docs: Sequence[GapDoc], chat: bool
-) -> tuple[list[Rewrite], Counter]:
+def rewrite_gaps(engine: Engine, spec, docs: Sequence[GapDoc]) -> tuple[list[Rewrite], Counter]:
     """AITP: self-contained questions per document (JSON), then an answer to each with the
     document as background (JSON). Structured output keeps the JSON well-formed; a reply cut by
     the length limit is incomplete and dropped. Returns (rewrites, drops per cause)."""
@@ -391,7 +383,9 @@ def rewrite_gaps(
     count = syn.questions_per_gap_doc
     asked = engine.generate(
         [
-            as_prompt(template("aitp_questions.txt").format(count=count, document=d.text), chat)
+            engine.prompt(
+                REWRITE, template("aitp_questions.txt").format(count=count, document=d.text)
+            )
             for d in docs
         ],
         syn.instruction_sampling,
@@ -406,7 +400,7 @@ def rewrite_gaps(
         pairs += [(doc, question) for question in found]
     answered = engine.generate(
         [
-            as_prompt(template("aitp_answer.txt").format(document=d.text, question=q), chat)
+            engine.prompt(REWRITE, template("aitp_answer.txt").format(document=d.text, question=q))
             for d, q in pairs
         ],
         syn.response_sampling,
@@ -427,13 +421,13 @@ def rewrite_gaps(
 
 
 def answer_instructions(
-    engine: Engine, spec, seeds: Sequence[Seed], generated: Sequence[Generated], chat: bool
+    engine: Engine, spec, seeds: Sequence[Seed], generated: Sequence[Generated]
 ) -> tuple[list[Answered], dict, dict]:
     """Self-Instruct answers its new tasks with instances (METHODS.md 1.3-1.5), the other recipes
     with one response each (2.2). Returns (answered, metrics, summary entries)."""
     if spec.recipe == "self-instruct":
         return answer_with_instances(engine, spec.synthesize, seeds, generated)
-    return answer_with_responses(engine, spec.synthesize, generated, chat)
+    return answer_with_responses(engine, spec.synthesize, generated)
 
 
 def answer_with_instances(
@@ -458,11 +452,13 @@ def answer_with_instances(
 
 
 def answer_with_responses(
-    engine: Engine, syn, generated: Sequence[Generated], chat: bool
+    engine: Engine, syn, generated: Sequence[Generated]
 ) -> tuple[list[Answered], dict, dict]:
     """I-SHEEP's step 2: one response per instruction; empty responses are not candidates."""
     responses = engine.generate(
-        [response_prompt(g.task, chat) for g in generated], syn.response_sampling, desc="responses"
+        [response_prompt(engine, g.task) for g in generated],
+        syn.response_sampling,
+        desc="responses",
     )
     answered = [
         Answered(g.task.instruction, g.task.input, r.text, "isheep", g.seed_ids)
@@ -477,8 +473,10 @@ def answer_with_responses(
 
 
 
-def response_prompt(task: Task, chat: bool) -> Prompt:
-    """I-SHEEP's response prompt: "{instruction}{input}\\n" for the base model (we put a newline
-    between instruction and input so they do not run together), the chat template afterwards."""
+def response_prompt(engine: Engine, task: Task) -> Prompt:
+    """The request as a chat turn, or raw as I-SHEEP prompts its base model:
+    "{instruction}{input}\\n" (we put a newline between instruction and input so they do not run
+    together)."""
     request = f"{task.instruction}\n{task.input}" if task.input else task.instruction
-    return as_prompt(request, chat) if chat else f"{request}\n"
+    prompt = engine.prompt(RESPONSE, request)
+    return f"{prompt}\n" if isinstance(prompt, str) else prompt

@@ -6,8 +6,18 @@ import pytest
 
 from selfalign.operator.spec import Threshold
 from selfalign.stages import storage
-from selfalign.stages.assess import DUPLICATE, duplicates, rule_rejection, summarize, threshold_rejection
+from selfalign.stages.assess import (
+    DUPLICATE,
+    LOW_MASS,
+    duplicates,
+    prob_above,
+    rule_rejection,
+    score_rejections,
+    summarize,
+    threshold_rejection,
+)
 from selfalign.stages.dedup import RougeDeduper
+from selfalign.stages.engines import ScoreDistribution
 from selfalign.stages.records import Candidate
 from tests.test_engine import chain_model_dir  # noqa: F401 - a fixture
 from tests.test_synthesize import base_spec, run_stage, upload_seeds, write_spec
@@ -41,26 +51,80 @@ def test_rule_rejection_by_family():
     assert rule_rejection(candidate("Please draw a picture of a cat."), []) is None
 
 
+def judged(mass=1.0, **expected):
+    """A distribution per criterion with the given expected score (mass on two labels around it),
+    or P(yes) for additionalInfoNeeded."""
+    found = {}
+    for name, value in expected.items():
+        if name == "additionalInfoNeeded":
+            found[name] = ScoreDistribution(("yes", "no"), (value, 1 - value), mass)
+        else:
+            low = int(value)
+            weights = [0.0] * 10
+            weights[low - 1] = 1 - (value - low)
+            if low < 10:
+                weights[low] = value - low
+            found[name] = ScoreDistribution(tuple(map(str, range(1, 11))), tuple(weights), mass)
+    return found
+
+
 def test_thresholds_for_generated_and_rewritten_items():
     t = Threshold(quality=8, following=8, rewrite_quality=7)
-    assert threshold_rejection({"quality": 8.5, "following": 8.1}, False, t) is None
-    assert (
-        threshold_rejection({"quality": 8.0, "following": 9}, False, t) == "below-quality"
-    )  # strictly above
-    assert threshold_rejection({"quality": 9, "following": 8.0}, False, t) == "below-following"
-    assert (
-        threshold_rejection({"quality": 7.0, "difficulty": 3, "additionalInfoNeeded": 0.1}, True, t)
-        is None
-    )
-    assert (
-        threshold_rejection({"quality": 6.9, "difficulty": 3, "additionalInfoNeeded": 0.1}, True, t)
-        == "below-rewrite-quality"
-    )
-    assert (
-        threshold_rejection({"quality": 9, "difficulty": 3, "additionalInfoNeeded": 0.7}, True, t)
-        == "needs-additional-info"
-    )
-    assert threshold_rejection(None, False, t) == "judge-prompt-too-long"
+    assert threshold_rejection(judged(quality=8.5, following=8.1), False, t, 0.2) is None
+    assert threshold_rejection(judged(quality=8.0, following=9), False, t, 0.2) == "below-quality"
+    assert threshold_rejection(judged(quality=9, following=8.0), False, t, 0.2) == "below-following"
+    rewrite = judged(quality=7.0, difficulty=3, additionalInfoNeeded=0.1)
+    assert threshold_rejection(rewrite, True, t, 0.2) is None
+    rewrite = judged(quality=6.9, difficulty=3, additionalInfoNeeded=0.1)
+    assert threshold_rejection(rewrite, True, t, 0.2) == "below-rewrite-quality"
+    rewrite = judged(quality=9, difficulty=3, additionalInfoNeeded=0.7)
+    assert threshold_rejection(rewrite, True, t, 0.2) == "needs-additional-info"
+    assert threshold_rejection(None, False, t, 0.2) == "judge-prompt-too-long"
+
+
+def test_an_item_the_judge_barely_scored_is_rejected_by_name_not_kept_at_its_score():
+    t = Threshold(quality=5, following=5)
+    assert threshold_rejection(judged(0.19, quality=9, following=9), False, t, 0.2) == LOW_MASS
+    assert threshold_rejection(judged(0.2, quality=9, following=9), False, t, 0.2) is None
+    rewrite = judged(0.05, quality=9, difficulty=3, additionalInfoNeeded=0.0)
+    assert threshold_rejection(rewrite, True, t, 0.2) == LOW_MASS
+
+
+def test_probability_decision_keeps_items_likely_above_the_cut_off():
+    """A judge torn between 1 and 10 has a low expected score but is often above the cut-off."""
+    labels = tuple(map(str, range(1, 11)))
+    torn = ScoreDistribution(labels, (0.55,) + (0.0,) * 8 + (0.45,), 1.0)  # expected 5.05
+    item = {"quality": torn, "following": torn}
+    expected = Threshold(quality=7.5, following=7.5)
+    probable = Threshold(quality=7.5, following=7.5, decision="probability", min_probability=0.4)
+    assert prob_above(torn, 7.5) == pytest.approx(0.45)
+    assert threshold_rejection(item, False, expected, 0.2) == "below-quality"
+    assert threshold_rejection(item, False, probable, 0.2) is None
+    stricter = probable.model_copy(update={"min_probability": 0.5})
+    assert threshold_rejection(item, False, stricter, 0.2) == "below-quality"
+
+
+def test_top_fraction_keeps_the_best_share_of_what_the_judge_could_score():
+    t = Threshold(quality=8, following=8, decision="top-fraction", top_fraction=0.5)
+    items = [candidate(id=f"c{i}") for i in range(5)] + [candidate(origin="aitp", id="a1")]
+    found = {
+        "c0": judged(quality=4.0, following=4.0),
+        "c1": judged(quality=6.0, following=5.0),
+        "c2": judged(quality=5.0, following=5.0),
+        "c3": judged(0.01, quality=9.0, following=9.0),  # no mass: out before the ranking
+        "c4": judged(quality=3.0, following=3.5),
+        "a1": judged(quality=7.5, difficulty=4.0, additionalInfoNeeded=0.2),
+    }
+    verdicts = score_rejections(items, found, t, 0.2)
+    assert verdicts == {"c0": "below-top-fraction", "c1": None, "c2": None, "c3": LOW_MASS,
+                        "c4": "below-top-fraction", "a1": None}
+
+
+def test_rewrites_skip_the_keyword_rules_that_would_remove_gap_domains():
+    rewrite = candidate("Which file format does the archive in the passage use?", origin="aitp")
+    assert rule_rejection(rewrite, ["self-instruct", "isheep"]) is None
+    generated = candidate("Which file format does the archive in the passage use?")
+    assert rule_rejection(generated, ["self-instruct"]) == "blacklisted-word"
 
 
 def test_a_self_instruct_tasks_instances_share_its_dedup_decision():
@@ -93,7 +157,10 @@ def test_summary_counts_rules_duplicates_and_histograms():
         "c4": {"quality": 8.6, "following": 9.4},
         "a1": {"quality": 7.5, "difficulty": 4.0, "additionalInfoNeeded": 0.2},
     }
-    summary, metrics = summarize(items, reasons, scores)
+    masses = {"c0": {"quality": 0.9, "following": 0.75}, "c3": {"quality": 0.35, "following": 0.9},
+              "c4": {"quality": 0.95, "following": 0.95}, "a1": {"quality": 0.55, "difficulty": 0.6,
+                                                                 "additionalInfoNeeded": 0.99}}
+    summary, metrics = summarize(items, reasons, scores, masses)
     assert summary["candidates"] == 6 and summary["kept"] == 3 and summary["keptRatio"] == 0.5
     assert (
         summary["duplicates"] == 1
@@ -108,6 +175,10 @@ def test_summary_counts_rules_duplicates_and_histograms():
     assert metrics["histograms"]["quality"] == [0, 0, 1, 0, 0, 0, 0, 0, 2, 0]  # 3.0, 8.6, 9.2
     assert metrics["histograms"]["rewriteQuality"] == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0]  # 7.5
     assert sum(metrics["histograms"]["following"]) == 3 and sum(metrics["histograms"]["rewriteDifficulty"]) == 1
+    # Each item's least mass over its criteria: 0.75, 0.35, 0.95, 0.55.
+    assert summary["meanLabelMass"] == pytest.approx(0.65)
+    assert metrics["labelMass"]["histogram"] == [0, 0, 0, 1, 0, 1, 0, 1, 0, 1]
+    assert metrics["labelMass"]["min"] == 0.35 and metrics["labelMass"]["median"] == pytest.approx(0.65)
     assert "rewriteAdditionalInfoNeeded" not in metrics["histograms"]
 
 

@@ -183,6 +183,10 @@ class CannedEngine:
         self.replies = list(replies)
         self.calls: list[tuple[list[str], Sampling, list[str] | None]] = []
 
+    def prompt(self, kind, text, answer_prefix=""):
+        assert kind == "tasks"  # continued as documents, never chat turns (prompting.py)
+        return text
+
     def generate(self, prompts, sampling, stop=None, desc=""):
         self.calls.append((list(prompts), sampling, stop))
         return self.replies.pop(0)

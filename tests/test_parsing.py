@@ -26,6 +26,20 @@ def test_numbered_list_continues_after_the_prompts_last_number():
     ]
 
 
+def test_numbered_list_follows_its_own_numbering_in_any_common_format():
+    completion = (
+        " Plan a trip in three steps:\n1. Pick a place.\n2. Book it.\n"
+        "10) Name a river.\nTask 11: Add two numbers.\n17. Not item twelve.\n12: Sort the list."
+    )
+    assert numbered_instructions(completion, truncated=False) == [
+        "Plan a trip in three steps: 1. Pick a place. 2. Book it.",
+        "Name a river.",
+        "Add two numbers. 17. Not item twelve.",
+        "Sort the list.",
+    ]
+    assert numbered_instructions(" A.\n4. B.\n5. C.", truncated=False, first_number=3) == ["A.", "B.", "C."]
+
+
 def test_numbered_list_cut_by_the_length_limit_is_dropped_whole():
     assert numbered_instructions(" Sort the list.\n10. Reverse the", truncated=True) == []
 
@@ -38,19 +52,22 @@ def test_numbered_list_without_items(completion):
 ALPACA = (
     " Rewrite the sentence in the passive voice.\n6. Input:\nThe cat chased the mouse.\n###\n"
     "7. Instruction: What is the capital of Peru?\n7. Input:\n<noinput>\n###\n"
-    "8. Instruction: Broken item without an input\n###\n"
+    "8. Instruction: An item without an input\n###\n"
     "9. Instruction: Numbered wrongly.\n10. Input:\nx\n###\n"
     "10. Instruction: Classify the review as positive or negative.\n"
-    "10. Input:\nGreat food, slow service.\n###\n"
-    "11. Instruction: Cut off in the mid"
+    "10. Input:\nGreat food, slow service.\n10. Output: Negative\n"
+    "11. Instruction: Summarise the text.\n11. Context: The river floods in May.\n###\n"
+    "12. Instruction: Cut off in the mid"
 )
 
 
-def test_alpaca_tasks_read_each_well_formed_chunk():
+def test_alpaca_tasks_read_each_well_formed_item():
     assert alpaca_tasks(ALPACA, first_number=6, truncated=True) == [
         Task("Rewrite the sentence in the passive voice.", "The cat chased the mouse."),
         Task("What is the capital of Peru?", ""),
+        Task("An item without an input", ""),
         Task("Classify the review as positive or negative.", "Great food, slow service."),
+        Task("Summarise the text.", "The river floods in May."),
     ]
 
 
@@ -68,12 +85,12 @@ def test_alpaca_last_chunk_is_kept_when_the_model_stopped_cleanly():
     "completion",
     [
         "",
-        "garbage without structure",
-        " Only an instruction\n###",
+        " \n###",
         " Twice\n6. Input:\na\n6. Input:\nb\n###",
+        " Wrong field\n6. Answer:\nb\n###",
     ],
 )
-def test_alpaca_malformed_chunks_give_nothing(completion):
+def test_alpaca_malformed_items_give_nothing(completion):
     assert alpaca_tasks(completion, 6, truncated=False) == []
 
 

@@ -201,7 +201,7 @@ def test_local_path_other_schemes(tmp_path, monkeypatch):
 def test_builtin_models(tmp_path, monkeypatch):
     minilm = storage.local_path("builtin://all-minilm-l6-v2", tmp_path)
     assert (minilm / "config.json").is_file()
-    with pytest.raises(StorageError, match="unknown builtin 'gpt-9'; known: all-minilm-l6-v2, tiny-llama, self-instruct-seeds"):
+    with pytest.raises(StorageError, match="unknown builtin 'gpt-9'; known: all-minilm-l6-v2, smollm2-135m-instruct, tiny-llama, self-instruct-seeds"):
         storage.local_path("builtin://gpt-9", tmp_path)
     assert storage.local_path("builtin://reference-sample", tmp_path).is_file()
 

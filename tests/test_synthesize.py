@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from selfalign.operator.spec import deep_merge, dump_spec, parse_spec
-from selfalign.stages import storage
+from selfalign.stages import prompting, storage
 from selfalign.stages.instances import MAX_INSTANCES
 from selfalign.stages.parsing import Task
 from selfalign.stages.records import Seed
@@ -102,10 +102,18 @@ def test_batches_grow_with_the_measured_yield_and_respect_the_cap():
     assert next_batch_size(1, 10, 5, 10_000) == 1
 
 
-def test_response_prompt_plain_for_the_base_model_chat_afterwards():
-    assert response_prompt(Task("Add them.", "2 and 3"), chat=False) == "Add them.\n2 and 3\n"
-    assert response_prompt(Task("Name a river."), chat=False) == "Name a river.\n"
-    assert response_prompt(Task("Add them.", "2 and 3"), chat=True) == [
+def test_response_prompt_raw_as_isheep_prompts_a_base_model_else_a_chat_turn():
+    class Stub:  # the engine's choice of form (prompting.py, tested there), fixed per stub
+        def __init__(self, chat):
+            self.chat = chat
+
+        def prompt(self, kind, text, answer_prefix=""):
+            assert kind == "response"
+            return prompting.build(text, self.chat, answer_prefix)
+
+    assert response_prompt(Stub(False), Task("Add them.", "2 and 3")) == "Add them.\n2 and 3\n"
+    assert response_prompt(Stub(False), Task("Name a river.")) == "Name a river.\n"
+    assert response_prompt(Stub(True), Task("Add them.", "2 and 3")) == [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "Add them.\n2 and 3"},
     ]
@@ -124,7 +132,7 @@ def base_spec(recipe: str, bucket: str, model: str, seeds_uri: str, **overrides)
     raw = {
         "recipe": recipe,
         "rounds": 2,
-        "model": {"base": model},
+        "model": {"base": model, "chat": "never"},  # the chain toy continues raw formats only
         "seeds": seeds_uri,
         "storage": {"uri": bucket},
         "synthesize": {
