@@ -194,3 +194,10 @@ def test_fault_rates_come_from_the_seeded_generator():
     again.add("error", lambda request: True, rate=0.3)
     assert struck == [again._strike(None, ("error",)) is not None for _ in range(1000)]
     assert 200 < sum(struck) < 400
+
+
+async def test_a_killed_operator_leaves_no_retry_or_resync_behind(cluster):
+    first = cluster.operator.memo
+    await cluster.operator.restart()
+    assert first.reconciler._closed.is_set() and not first.reconciler._timers
+    assert not cluster.operator.memo.reconciler._closed.is_set()
