@@ -142,6 +142,23 @@ async def test_dependents_are_collected_in_the_background_after_their_owner(emul
     assert emulator.get_object("v1/configmaps", NS, "other-uid") is None  # its owner uid never existed
 
 
+async def test_an_orphaning_delete_leaves_the_dependents_without_that_owner(emulator):
+    owner = await api(emulator, "POST", CONFIGMAPS, config_map("owner"))
+    other = await api(emulator, "POST", CONFIGMAPS, config_map("other"))
+    refs = [{"apiVersion": "v1", "kind": "ConfigMap", "name": o["metadata"]["name"], "uid": o["metadata"]["uid"]}
+            for o in (owner, other)]
+    await api(emulator, "POST", CONFIGMAPS, {**config_map("both"), "metadata": {
+        **config_map("both")["metadata"], "ownerReferences": refs}})
+    await api(emulator, "POST", CONFIGMAPS, {**config_map("only"), "metadata": {
+        **config_map("only")["metadata"], "ownerReferences": refs[:1]}})
+    await api(emulator, "DELETE", f"{CONFIGMAPS}/owner", {"propagationPolicy": "Orphan"})
+    assert emulator.get_object("v1/configmaps", NS, "both")["metadata"]["ownerReferences"] == refs[1:]
+    assert "ownerReferences" not in emulator.get_object("v1/configmaps", NS, "only")["metadata"]
+    await api(emulator, "DELETE", f"{CONFIGMAPS}/other")  # the collector runs: "only" has no owner left to miss
+    await wait_for(lambda: emulator.get_object("v1/configmaps", NS, "both") is None, what="collection")
+    assert emulator.get_object("v1/configmaps", NS, "only") is not None
+
+
 async def test_a_run_is_pruned_and_defaulted_on_create_and_update(emulator):
     run = await api(emulator, "POST", RUNS, run_manifest("r", {"rounds": 1, "bogus": 1}))
     assert "bogus" not in run["spec"] and run["spec"]["resources"]["train"]["gpus"] == 0

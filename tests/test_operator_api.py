@@ -101,3 +101,27 @@ async def test_dropped_watches_resume_without_relisting_and_children_are_filtere
     assert len(watches) > 2 and all(r.params.get("resourceVersion") for r in watches)
     assert {r.resource.plural: r.params.get("labelSelector") for r in lists + watches} == {
         "jobs": "selfalign.dev/run", "pods": "selfalign.dev/run,batch.kubernetes.io/job-name"}
+
+
+async def test_children_orphaned_by_the_deleted_run_are_never_adopted(cluster, monkeypatch):
+    """`kubectl delete --cascade=orphan` leaves the old ConfigMap and Jobs without an owner: the
+    new run of the same name says which object blocks it, and goes on once a person deletes them."""
+    monkeypatch.setattr(reconciler, "REFUSAL_BACKOFF", 0.2)
+    await cluster.create_run("orph", run_spec(rounds=1))
+    assert (await cluster.wait_phase("orph", "Succeeded", "Failed"))["phase"] == "Succeeded"
+    await api(cluster.emulator, "DELETE", f"{RUNS}/orph", {"propagationPolicy": "Orphan"})
+    await cluster.create_run("orph", run_spec(rounds=1))
+    synth = job_name("orph", 0, "synthesize")
+
+    def blocked() -> bool:
+        record = ((cluster.status("orph").get("rounds") or [{}])[0].get("stages") or {}).get("synthesize") or {}
+        return "ConfigMap orph-spec exists but belongs to another run (owner uid none)" in record.get("message", "")
+
+    await wait_for(blocked, what="the orphaned ConfigMap named in status")
+    assert cluster.status("orph")["phase"] == "Running" and Counter(cluster.kubelet.started)[synth] == 1
+    await api(cluster.emulator, "DELETE", f"/api/v1/namespaces/{NS}/configmaps/orph-spec")
+    await wait_for(lambda: f"Job {synth} exists" in cluster.status("orph")["message"], what="the orphaned Job named")
+    for job in expected_jobs("orph", 1):
+        await api(cluster.emulator, "DELETE", f"/apis/batch/v1/namespaces/{NS}/jobs/{job}")
+    await wait_for(lambda: cluster.status("orph").get("phase") == "Succeeded", 60, what="the new run")
+    assert Counter(cluster.kubelet.started) == {job: 2 for job in expected_jobs("orph", 1)}
