@@ -139,9 +139,10 @@ def instruction_text(instruction: str, input: str, output: str) -> str:
     return "\n".join(part for part in (instruction, input, output) if part)
 
 
-def seed_set(uri: str, new: bool) -> InstructionSet:
+def seed_set(uri: str, new: bool, output_required: bool = True) -> InstructionSet:
     """Self-Instruct, Alpaca or chat JSONL (whatever records.load_seeds reads)."""
-    texts = [instruction_text(s.instruction, s.input, s.output) for s in records.load_seeds(uri)]
+    seeds = records.load_seeds(uri, output_required)
+    texts = [instruction_text(s.instruction, s.input, s.output) for s in seeds]
     return InstructionSet(uri, texts, new)
 
 
@@ -414,7 +415,7 @@ def coverage_command(reference: str, instructions: str, out_dir: str, gaps: int,
                               similarity=similarity, k=k, gap_docs_per_round=gaps)
     home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfalign"
     corpus = read_reference(config.reference, home)
-    dataset = seed_set(as_uri(instructions), new=True)
+    dataset = seed_set(as_uri(instructions), new=True, output_required=False)
     analysis = analyse(corpus, [dataset], Embedder(config.embedder, home), config,
                        (home / "embeddings").as_uri(), home)
     write_outputs(as_uri(out_dir), analysis)

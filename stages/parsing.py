@@ -89,7 +89,8 @@ def alpaca_tasks(completion: str, first_number: int, truncated: bool) -> list[Ta
     """Tasks of an I-SHEEP/Alpaca completion that continues "###\\n{first_number}. Instruction:".
 
     Items follow the numbering: item n + 1 starts at the line "{n + 1}. Instruction:" (after "###"
-    or not: real models drop it). Only the last item of a length-cut completion is dropped (the
+    or not: real models drop it), and an item ends at "###" (what follows it up to the next item is
+    not the item's). Only a length-cut completion's last item without its "###" is dropped (the
     Alpaca intent; I-SHEEP's code drops the last item of every completion, which throws away one
     good task per prompt when the model stopped cleanly).
     """
@@ -98,11 +99,12 @@ def alpaca_tasks(completion: str, first_number: int, truncated: bool) -> list[Ta
         bodies.append(rest[: match.start()])
         rest, number = rest[match.end():], number + 1
     bodies.append(rest)
-    if truncated:
-        bodies = bodies[:-1]
     tasks = []
     for offset, body in enumerate(bodies):
-        task = _alpaca_task(first_number + offset, body.strip().removesuffix("###").strip())
+        item, ended, _ = body.partition("###")
+        if truncated and not ended and offset == len(bodies) - 1:
+            break  # the item the length limit cut
+        task = _alpaca_task(first_number + offset, item.strip())
         if task:
             tasks.append(task)
     return tasks

@@ -62,18 +62,19 @@ class Seed:
     is_classification: bool
 
 
-def load_seeds(uri: str) -> list[Seed]:
+def load_seeds(uri: str, output_required: bool = True) -> list[Seed]:
     """Seed tasks from JSONL, one task a line, in any of the three formats users bring:
 
     Self-Instruct {id?, name?, instruction, instances: [{input, output}, ...], is_classification?}
     (the first instance is the example), Alpaca {instruction, input?, output}, and chat
     {messages: [{role, content}, ...]} (the first user turn and the assistant reply after it).
+    Without `output_required` (instruction sets measured by coverage) an output may be missing.
     """
     seeds: list[Seed] = []
     first_line: dict[str, int] = {}
     for line, row in storage.iter_jsonl(uri):
         where = f"{uri}:{line}"
-        seed = _parse_seed(row, where, default_id=f"seed-{line}")
+        seed = _parse_seed(row, where, f"seed-{line}", "" if not output_required else _MISSING)
         if seed.id in first_line:
             raise RecordError(f"{where}: field 'id': {seed.id!r} repeats line {first_line[seed.id]}")
         first_line[seed.id] = line
@@ -83,7 +84,7 @@ def load_seeds(uri: str) -> list[Seed]:
     return seeds
 
 
-def _parse_seed(row: dict, where: str, default_id: str) -> Seed:
+def _parse_seed(row: dict, where: str, default_id: str, output_default: Any) -> Seed:
     raw_id = _field(row, "id", where, (str, int), default=None)
     seed_id = str(raw_id) if raw_id is not None else _text(row, "name", where, default=None) or default_id
     if "messages" in row:
@@ -99,9 +100,10 @@ def _parse_seed(row: dict, where: str, default_id: str) -> Seed:
         if not isinstance(first, dict):
             raise RecordError(f"{where}: field 'instances[0]': expected an object, got {_json_name(first)}")
         return Seed(seed_id, instruction, _text(first, "input", f"{where}: instances[0]", default=""),
-                    _text(first, "output", f"{where}: instances[0]"), is_classification)
-    return Seed(seed_id, instruction, _text(row, "input", where, default=""), _text(row, "output", where),
-                is_classification)
+                    _text(first, "output", f"{where}: instances[0]", default=output_default),
+                    is_classification)
+    return Seed(seed_id, instruction, _text(row, "input", where, default=""),
+                _text(row, "output", where, default=output_default), is_classification)
 
 
 def _first_exchange(row: dict, where: str) -> tuple[str, str]:

@@ -157,8 +157,6 @@ def test_validate_refuses_file_storage_for_a_cluster_run_and_accepts_it_locally(
     assert local.returncode == 0 and local.stdout == f"{run}#0: ok\n"
 
 
-@pytest.mark.xfail(strict=True, reason="needs stages/coverage_report.py to read rows without output "
-                                       "(issue 16 item 4; stages/ is another engineer's)")
 def test_coverage_accepts_instruction_rows_without_output(tmp_path):
     topics = ["tides and the moon", "baking sourdough bread", "tax returns", "chess openings", "bird migration"]
     write_jsonl(tmp_path / "reference.jsonl", [{"text": f"A short article about {t}."} for t in topics])
