@@ -179,10 +179,14 @@ class Reconciler:
             except ApiException as exc:
                 if exc.status != INVALID:
                     raise
-                # Written again it would be rejected again: the run fails, saying why.
-                logger.warning("status rejected by the API run=%s: %s", name, _api_message(exc))
-                result = status_rejected(run.get("status"), _api_message(exc), now, generation=generation)
-                stored = self.kube.write_status(run, result.status)
+                # Planned from the run as stored, it would be refused again: the run fails, saying
+                # why. Planned from an older copy (a patch onto a newer status can break its
+                # transition rules), it is a conflict: the next pass plans from the newer one.
+                stored = None
+                if self._is_current(run):
+                    logger.warning("status rejected by the API run=%s: %s", name, _api_message(exc))
+                    result = status_rejected(run.get("status"), _api_message(exc), now, generation=generation)
+                    stored = self.kube.write_status(run, result.status)
             if stored is None:
                 # The run moved on: its next event reconciles it, or, should none come (a 409 from
                 # a proxy, a webhook), the pass after RETRY_BASE does.
@@ -207,6 +211,11 @@ class Reconciler:
         # 7. Tell the user what changed.
         for event in result.events:
             self._post(run, event, now, logger)
+
+    def _is_current(self, run: Mapping[str, Any]) -> bool:
+        """Whether the run is stored at the version this pass planned from (asks the API)."""
+        stored = self.kube.get_run(run["metadata"]["namespace"], run["metadata"]["name"])
+        return stored is not None and stored["metadata"].get("resourceVersion") == run["metadata"]["resourceVersion"]
 
     def _parse(self, run: Mapping[str, Any]) -> RunSpec | SpecError:
         """The run's typed spec, parsed once per spec version (its generation)."""

@@ -196,6 +196,7 @@ class ApiDouble:
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, list[BaseException]] = {}
         self.conflicts = 0  # status writes answered 409
+        self.stored_rv = "1"  # the run's resourceVersion as the API stores it now (a_run's)
 
     def _call(self, method: str, what: str) -> None:
         self.calls.append((method, what))
@@ -209,6 +210,10 @@ class ApiDouble:
             return None
         meta = {**run["metadata"], "resourceVersion": str(int(run["metadata"]["resourceVersion"]) + 1)}
         return {**run, "metadata": meta, "status": status}
+
+    def get_run(self, namespace: str, name: str) -> dict:
+        self._call("get_run", name)
+        return {"metadata": {"namespace": namespace, "name": name, "resourceVersion": self.stored_rv}}
 
     def create(self, obj: dict) -> bool:
         self._call("create", f"{obj['kind']} {obj['metadata']['name']}")
@@ -328,6 +333,18 @@ def test_a_status_the_api_rejects_fails_the_run_with_the_apis_message(reconciler
     status = reconciler._written[("ns", "r")]["status"]
     assert status["phase"] == "Failed" and "status.coverage: must be <= 100" in status["message"]
     assert kube.created() == []
+
+
+def test_a_status_rejected_because_it_was_planned_from_an_older_run_is_a_conflict(reconciler_with, monkeypatch):
+    """A patch computed from a stale copy can break the CRD's transition rules (a Succeeded
+    record moved back): 422, but the run must not fail for it; the next pass plans afresh."""
+    monkeypatch.setattr(reconciler_module, "RETRY_BASE", 0.01)
+    kube = ApiDouble()
+    kube.fail["write_status"] = [ApiException(status=422, reason="Invalid")]
+    kube.stored_rv = "7"  # someone wrote after the copy this pass planned from
+    reconciler_with(kube).request("ns", "r", cache_of(a_run()), LOG)
+    wait_until(lambda: f"Job {SYNTH}" in kube.created())  # planned again and written: never Failed
+    assert [what for method, what in kube.calls if method == "write_status"] == ["Running", "Running"]
 
 
 @pytest.mark.parametrize("failures, delay", [(1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, 60.0), (50, 60.0)])
