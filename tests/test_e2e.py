@@ -109,7 +109,7 @@ async def test_tiny_example_through_the_operator_with_real_stages_on_s3(real_clu
     await cluster.create_run("tiny", spec)
     status = await cluster.wait_phase("tiny", "Succeeded", "Failed", timeout=1500)
     assert status["phase"] == "Succeeded", status.get("message")
-    run_uri = f"{s3_bucket}/{NS}/tiny"
+    run_uri = f"{s3_bucket}/{NS}/tiny/{cluster.run('tiny')['metadata']['uid']}"
     assert_complete(run_uri)
     assert status["model"] == f"{run_uri}/models/round-2"
     assert status["kept"] >= 1 and 0 <= status["coverage"] <= 100
