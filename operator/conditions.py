@@ -20,6 +20,7 @@ STAGE_RUNNING = "StageRunning"
 JOB_REFUSED = "JobCreateRefused"  # the API refused the stage's Job; tried again until created
 STAGE_FAILED = "StageFailed"
 RUN_SUCCEEDED = "RunSucceeded"
+CONVERGED = "Converged"  # evaluate.stopWhenWorse: a round raised the held-out loss; no round after it runs
 INVALID_SPEC = "InvalidSpec"
 STATUS_REJECTED = "StatusRejected"  # the API refused the status a pass computed; failed until the spec changes
 SUSPENDED_BY_USER = "SuspendedByUser"

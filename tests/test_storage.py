@@ -8,6 +8,7 @@ import pytest
 
 from selfalign.stages import builtin, storage
 from selfalign.stages.records import RecordError
+from selfalign.stages.sft_data import parse_kept
 from selfalign.stages.storage import StorageError
 from tests.fixtures.s3 import free_port, moto_server
 
@@ -214,6 +215,20 @@ def test_builtin_models(tmp_path, monkeypatch):
 
     monkeypatch.setattr("selfalign.stages.tiny_model.build_tiny_llama", no_rebuild)
     assert builtin.materialize("tiny-llama", tmp_path) == tiny
+
+
+def test_the_packaged_seeds_split_into_150_train_tasks_and_25_held_out_rows():
+    """Every 7th seed task (lines 7, 14, ..., 175) is held out as an Alpaca row from its first
+    instance; the train seeds are the other 150 lines, unchanged: disjoint, nothing lost."""
+    tasks = [row for _, row in storage.iter_jsonl("builtin://self-instruct-seeds")]
+    train = [row for _, row in storage.iter_jsonl("builtin://self-instruct-seeds-train")]
+    heldout = [row for _, row in storage.iter_jsonl("builtin://self-instruct-heldout")]
+    assert (len(train), len(heldout)) == (150, 25)
+    assert train == [task for i, task in enumerate(tasks) if i % 7 != 6]
+    assert heldout == [{"instruction": task["instruction"], "input": task["instances"][0]["input"],
+                        "output": task["instances"][0]["output"]} for task in tasks[6::7]]
+    assert not {row["instruction"] for row in heldout} & {task["instruction"] for task in train}
+    assert parse_kept(enumerate(heldout, 1), "heldout")  # rows the evaluation reads
 
 
 def test_packaged_data_and_mounted_claims_read_like_files(tmp_path, monkeypatch):
