@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .local import LOCAL_NAMESPACE
+from .quality import quality_line
 from .spec import STAGES
 
 STATUS_FILE = "status.json"
@@ -380,8 +381,9 @@ def runs_table(runs: list[RunRow]) -> str:
 
 
 def run_table(run: Run, artifacts_read: bool = True) -> str:
-    """`selfalign status RUN`: the run's phase, a line per stage (rounds counted from 1), its
-    message, and, when its artifacts were read (`artifacts_read`), what is missing."""
+    """`selfalign status RUN`: the run's phase, a line per stage (rounds counted from 1), a
+    data-quality line per round, its message, and, when its artifacts were read
+    (`artifacts_read`), what is missing."""
     status = run.status
     head = f"run {run.name}: {status.get('phase', 'phase unknown')}"
     if status.get("stage"):
@@ -405,6 +407,9 @@ def run_table(run: Run, artifacts_read: bool = True) -> str:
         if rows
         else []
     )
+    data = [f"round {k + 1} data: {line}" for k in range(total_rounds(run))
+            if (line := quality_line(run, k))]
+    lines += [*data, ""] if data else []
     if status.get("message"):
         lines.append(f"message: {status['message']}")
     if artifacts_read:

@@ -3,6 +3,7 @@
 Every figure is drawn with matplotlib's object API (no pyplot state, no display backend) and
 embedded as a data: URI, as are the coverage stage's maps, so the page is one file with no
 script, stylesheet or image fetched from anywhere. A section whose data is missing says so.
+The data-quality sections (quality_html.py) also read each round's assess data files.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def write_report(run: r.Run, out_dir: Path) -> Path:
 
 
 def render(run: r.Run) -> str:
+    from . import quality, quality_html  # quality_html builds on this module's helpers
+
     sections = [
         _failure(run),
         _section("summary", "Summary", _summary_table(run)),
@@ -88,6 +91,7 @@ def render(run: r.Run) -> str:
             scores_figure(run),
             "no score histograms in any assess manifest",
         ),
+        *quality_html.sections(run, quality.read_data(run)),
         _figure_section(
             "loss", "Training loss", loss_figure(run), "no loss curve in any train manifest"
         ),
@@ -108,7 +112,7 @@ def render(run: r.Run) -> str:
     title = f"selfalign run {run.name}"
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-        f"<style>{STYLE}</style></head><body>\n"
+        f"<style>{STYLE}{quality_html.STYLE}</style></head><body>\n"
         f'<h1>{_e(title)}</h1>\n<p class="uri">{_e(run.uri)}</p>\n'
         + "\n".join(s for s in sections if s)
         + "\n</body></html>\n"

@@ -38,12 +38,15 @@ SECTIONS = (
     "counts",
     "rejections",
     "scores",
+    "quality",
+    "labelmass",
+    "examples",
     "loss",
     "coverage",
     "domains",
     "maps",
 )
-FIGURES = ("counts", "rejections", "scores", "loss", "coverage", "domains")
+FIGURES = ("counts", "rejections", "scores", "labelmass", "loss", "coverage", "domains")
 DOMAINS = ("imdb", "cnn_dailymail", "ropes")
 
 
@@ -95,6 +98,7 @@ def results(round_: int, run_uri: str) -> dict[str, tuple[dict, dict]]:
                 "rewrittenKept": 0,
                 "meanQuality": 6.1,
                 "meanFollowing": 5.4,
+                "meanLabelMass": 0.61 + 0.1 * round_,
             },
             {
                 "ruleRejects": {"response-too-short": 2, "keyword-image": 1},
@@ -114,6 +118,12 @@ def results(round_: int, run_uri: str) -> dict[str, tuple[dict, dict]]:
                 },
                 "histogramBins": list(range(1, 11)),
                 "keptRatio": round(kept / 24, 4),
+                "labelMass": {
+                    "histogram": [0, 0, 0, 0, 1, 4, 6, 5, 2, 1],
+                    "edges": [round(0.1 * i, 1) for i in range(11)],
+                    "min": 0.41,
+                    "median": 0.66,
+                },
             },
         ),
         "train": (
@@ -329,6 +339,8 @@ def test_status_of_a_run_shows_every_stage_with_duration_and_key_metric(storage,
     assert results_[("2", "train")] == "loss 2.200 -> 1.500, steps 6, 1,234 tok/s"
     assert results_[("1", "merge")] == "max |logit diff| 4.2e-07"
     assert results_[("2", "coverage")] == "coverage 50.0% (before 40.0%)"
+    assert "\nround 1 data: parsed 28/30 completions, kept 18/24 (75%), label mass 0.61\n" in out
+    assert "\nround 2 data: parsed 28/30 completions, kept 16/24 (67%), label mass 0.71\n" in out
     assert "message: 2 rounds finished" in out and "missing:" not in out
 
 
