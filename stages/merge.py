@@ -12,6 +12,10 @@ float32) and the save (every tensor in the written shards vs the merged weights)
 weights are saved in the model's own dtype, which is what the next round loads; what rounding to
 that dtype costs (adapter vs reloaded) is recorded, not judged: for bf16 it is far above any
 tolerance that would catch a wrong merge.
+
+With spec.evaluate, the held-out loss (evaluation.py) of the model this round generated with (M_K)
+and of the saved merged model (M_{K+1}, as the next round loads it) goes into the summary, so the
+planner can stop a run that got worse (evaluate.stopWhenWorse).
 """
 from __future__ import annotations
 
@@ -25,8 +29,11 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from selfalign.operator.lineage import model_uri
+
 from . import storage
 from .context import StageContext, StageError, StageOutcome
+from .evaluation import mean_nll, read_heldout
 from .sft_data import Example, parse_kept, split_rendering
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,7 @@ def run(ctx: StageContext) -> StageOutcome:
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # with the chat template it trained on
     kept = f"{ctx.stage_out(ctx.round, 'assess')}/kept.jsonl"
     probe = probe_batch(tokenizer, probe_examples(kept)).to(device)
+    heldout = read_heldout(ctx.spec.evaluate.data) if ctx.spec.evaluate else []  # bad rows fail here
 
     model, save_dtype = _adapter_model(model_dir, adapter_dir, device)
     adapter_logits = logits(model, probe)
@@ -61,23 +69,42 @@ def run(ctx: StageContext) -> StageOutcome:
     round_trip = saved_weights_diff(merged.state_dict(), out)
     _check(round_trip, tolerance, f"the saved shards differ from the merged {save_dtype} weights")
     del model, merged
-    rounding = max_abs_diff(adapter_logits, logits(_load(out, device), probe), mask)
+    reloaded = _load(out, device)
+    rounding = max_abs_diff(adapter_logits, logits(reloaded, probe), mask)
+    evaluation = held_out_losses(ctx, heldout, tokenizer, reloaded, device)
     log.info("merge checked max_abs_logit_diff=%.3g round_trip=%.3g dtype_rounding=%.3g tolerance=%g "
              "adapter_effect=%.3g probe=%d", diff, round_trip, rounding, tolerance, adapter_effect, examples)
 
-    model_uri = f"{ctx.run_uri}/models/round-{ctx.round + 1}"
-    storage.upload_dir(out, model_uri)
+    merged_uri = model_uri(ctx.spec, ctx.run_uri, ctx.round + 1)
+    storage.upload_dir(out, merged_uri)
     files = sorted(p.name for p in out.iterdir())
     return StageOutcome(
-        summary={"model": model_uri, "maxAbsLogitDiff": diff},
-        outputs={"model": model_uri},
+        summary={"model": merged_uri, "maxAbsLogitDiff": diff, **evaluation},
+        outputs={"model": merged_uri},
         metrics={"maxAbsLogitDiff": diff, "saveRoundTripDiff": round_trip, "dtypeRoundingDiff": rounding,
                  "tolerance": tolerance, "adapterEffect": adapter_effect,
                  "probeExamples": int(probe["input_ids"].shape[0]),
                  "probeTokens": int(probe["attention_mask"].sum()),
                  "dtype": str(save_dtype).removeprefix("torch."),
-                 "shards": sum(name.endswith(".safetensors") for name in files), "files": files},
+                 "shards": sum(name.endswith(".safetensors") for name in files), "files": files,
+                 **evaluation},
     )
+
+
+def held_out_losses(ctx: StageContext, examples: list[Example], tokenizer, merged, device: str) -> dict:
+    """evalLossBefore (M_K), evalLossAfter (M_{K+1}), evalItems, evalTokens; {} without held-out rows.
+
+    Both models read the rows through the adapter's tokenizer: the chat template training used."""
+    if not examples:
+        return {}
+    limit = ctx.spec.train.max_seq_length
+    after = mean_nll(merged, tokenizer, examples, limit)
+    before_dir = storage.local_path(model_uri(ctx.spec, ctx.run_uri, ctx.round), ctx.scratch)
+    before = mean_nll(_load(before_dir, device), tokenizer, examples, limit)
+    log.info("held-out loss before=%.4f after=%.4f items=%d tokens=%d", before.nll, after.nll,
+             after.items, after.tokens)
+    return {"evalLossBefore": before.nll, "evalLossAfter": after.nll, "evalItems": after.items,
+            "evalTokens": after.tokens}
 
 
 def saved_weights_diff(expected: dict[str, torch.Tensor], folder: Path) -> float:

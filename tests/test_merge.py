@@ -11,13 +11,16 @@ from selfalign.operator.spec import parse_spec
 from selfalign.stages import merge, storage
 from selfalign.stages.__main__ import run_stage
 from selfalign.stages.context import StageContext, StageError
+from selfalign.stages.evaluation import mean_nll, read_heldout
+from selfalign.stages.records import RecordError
 from selfalign.stages.sft_data import PLAIN_CHAT_TEMPLATE
 from tests.test_train import kept_uri, spec_dict, toy_rows
 
 pytestmark = pytest.mark.slow
 
 
-def publish_adapter(model_dir, run_uri: str, tmp_path, *, chat_template: str | None = None) -> None:
+def publish_adapter(model_dir, run_uri: str, tmp_path, *, chat_template: str | None = None,
+                    round_: int = 0) -> None:
     """A LoRA adapter with random (non-zero) weights where the train stage puts it, and kept data."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if chat_template:
@@ -28,13 +31,16 @@ def publish_adapter(model_dir, run_uri: str, tmp_path, *, chat_template: str | N
     local = tmp_path / "adapter"
     model.save_pretrained(local)
     tokenizer.save_pretrained(local)
-    storage.upload_dir(local, f"{run_uri}/round-0/train/adapter")
-    storage.write_jsonl(kept_uri(run_uri, 0), toy_rows())
+    storage.upload_dir(local, f"{run_uri}/round-{round_}/train/adapter")
+    storage.write_jsonl(kept_uri(run_uri, round_), toy_rows())
 
 
-def context(model_dir, run_uri: str, tmp_path, **merge_fields) -> StageContext:
+def context(model_dir, run_uri: str, tmp_path, *, round_: int = 0, evaluate: dict | None = None,
+            **merge_fields) -> StageContext:
     raw = spec_dict(model_dir, "file:///tmp/runs") | {"merge": merge_fields}
-    return StageContext(stage="merge", spec=parse_spec(raw), round=0, run_uri=run_uri,
+    if evaluate:
+        raw["evaluate"] = evaluate
+    return StageContext(stage="merge", spec=parse_spec(raw), round=round_, run_uri=run_uri,
                         model=model_dir.as_uri(), scratch=str(tmp_path / "scratch"))
 
 
@@ -59,6 +65,7 @@ def test_merged_model_matches_the_adapter_after_save_and_reload(merged, tiny_mod
     manifest = storage.read_json(f"{run_uri}/round-0/merge/manifest.json")
     assert manifest["metrics"]["maxAbsLogitDiff"] == summary["maxAbsLogitDiff"]
     assert manifest["metrics"]["adapterEffect"] > 1e-2  # the probe sees the adapter change the logits
+    assert not any(key.startswith("eval") for key in summary)  # no spec.evaluate, no held-out loss
 
     # Independently: the saved model, reloaded from storage, against the base model + adapter.
     merged_dir, adapter_dir = tmp_path / "check-merged", tmp_path / "check-adapter"
@@ -119,3 +126,44 @@ def test_bf16_model_is_checked_exactly_and_its_rounding_only_recorded(tiny_model
     assert metrics["dtype"] == "bfloat16"
     assert metrics["maxAbsLogitDiff"] < 1e-4 and metrics["saveRoundTripDiff"] < 1e-4
     assert metrics["dtypeRoundingDiff"] > metrics["tolerance"]
+
+
+def test_held_out_loss_of_the_model_the_round_generated_with_and_of_the_merged_model(tiny_model_dir, tmp_path):
+    """Round 1 trained on the base model (train.from: base) still compares against M_1, the model
+    round 1 generated with, and the merged M_2 as saved; both read as training formats the rows."""
+    run_uri = (tmp_path / "run").as_uri()
+    m1 = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        m1.lm_head.weight.mul_(0.5)  # M_1 differs from the base model
+    m1.save_pretrained(tmp_path / "m1")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "m1")
+    storage.upload_dir(tmp_path / "m1", f"{run_uri}/models/round-1")
+    publish_adapter(tiny_model_dir, run_uri, tmp_path, round_=1)
+    heldout = (tmp_path / "heldout.jsonl").as_uri()
+    storage.write_jsonl(heldout, toy_rows()[:6])
+
+    summary = run_stage(context(tiny_model_dir, run_uri, tmp_path, round_=1, evaluate={"data": heldout}))
+
+    tokenizer = AutoTokenizer.from_pretrained(storage.local_path(f"{run_uri}/round-1/train/adapter", tmp_path))
+    rows = read_heldout(heldout)
+    loss = {name: mean_nll(AutoModelForCausalLM.from_pretrained(storage.local_path(uri, tmp_path)), tokenizer,
+                           rows, 64)
+            for name, uri in (("m1", f"{run_uri}/models/round-1"), ("m2", summary["model"]),
+                              ("base", tiny_model_dir.as_uri()))}
+    assert summary["evalLossBefore"] == pytest.approx(loss["m1"].nll, rel=1e-5)
+    assert summary["evalLossBefore"] != pytest.approx(loss["base"].nll, rel=1e-3)
+    assert summary["evalLossAfter"] == pytest.approx(loss["m2"].nll, rel=1e-5)
+    assert (summary["evalItems"], summary["evalTokens"]) == (6, loss["m2"].tokens)
+    manifest = storage.read_json(f"{run_uri}/round-1/merge/manifest.json")
+    assert {k: manifest["metrics"][k] for k in ("evalLossBefore", "evalLossAfter", "evalItems")} == \
+        {k: summary[k] for k in ("evalLossBefore", "evalLossAfter", "evalItems")}
+
+
+def test_a_bad_held_out_row_fails_the_stage_and_publishes_no_model(tiny_model_dir, tmp_path):
+    run_uri = (tmp_path / "run").as_uri()
+    publish_adapter(tiny_model_dir, run_uri, tmp_path)
+    heldout = (tmp_path / "heldout.jsonl").as_uri()
+    storage.write_jsonl(heldout, [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Say bye."}])
+    with pytest.raises(RecordError, match=r"heldout.jsonl:2: field 'output': missing"):
+        merge.run(context(tiny_model_dir, run_uri, tmp_path, evaluate={"data": heldout}))
+    assert storage.list_uris(f"{run_uri}/models/round-1") == []
