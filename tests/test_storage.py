@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import boto3
 import pytest
+import yaml
 
 from selfalign.stages import builtin, storage
-from selfalign.stages.records import RecordError
+from selfalign.stages.records import RecordError, load_seeds
 from selfalign.stages.sft_data import parse_kept
 from selfalign.stages.storage import StorageError
 from tests.fixtures.s3 import free_port, moto_server
@@ -231,9 +233,14 @@ def test_the_packaged_seeds_split_into_150_train_tasks_and_25_held_out_rows():
     assert parse_kept(enumerate(heldout, 1), "heldout")  # rows the evaluation reads
 
 
-def test_packaged_data_and_mounted_claims_read_like_files(tmp_path, monkeypatch):
-    from selfalign.stages.records import load_seeds
+def test_the_smol_example_evaluates_on_rows_disjoint_from_its_seeds():
+    spec = yaml.safe_load((Path(__file__).parents[1] / "examples" / "smol.yaml").read_text())["spec"]
+    seeds = {seed.instruction for seed in load_seeds(spec["seeds"])}
+    heldout = [row["instruction"] for _, row in storage.iter_jsonl(spec["evaluate"]["data"])]
+    assert len(heldout) == 25 and not set(heldout) & seeds
 
+
+def test_packaged_data_and_mounted_claims_read_like_files(tmp_path, monkeypatch):
     seeds = load_seeds("builtin://self-instruct-seeds")
     assert len(seeds) == 175
     reference = list(storage.iter_jsonl("builtin://reference-sample"))
