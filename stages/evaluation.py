@@ -4,7 +4,8 @@ The quantity training minimises, measured on data it never saw: each Alpaca row 
 masked exactly as the train stage does it (`sft_data.encode`: chat template, prompt tokens
 ignored, cut at train.maxSeqLength), and the loss is summed over every supervised token of the
 set before dividing, so a long answer weighs by its tokens as in training, not as one item.
-Rows are right-padded, so a causal model's logits at real positions are those of the row alone.
+Rows are right-padded, so a causal model's logits at real positions are those of the row alone,
+and batched by length (the sum does not depend on the order).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def mean_nll(model, tokenizer, examples: list[Example], max_seq_length: int,
              batch_size: int = BATCH_SIZE) -> HeldOutLoss:
     """Mean NLL per response token of `examples` under `model`, formatted as training formats them."""
     features, counts = encode_all(tokenizer, examples, max_seq_length, progress=False)
+    features.sort(key=lambda row: len(row["input_ids"]))  # rows of like length share a batch: less padding
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(features), batch_size):
