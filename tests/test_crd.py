@@ -303,10 +303,10 @@ T0 = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 STATUS_VALIDATOR = jsonschema.Draft202012Validator(v.to_json_schema(STATUS))
 
 
-def _statuses(spec, outcomes: dict[tuple[int, str], str]) -> list[dict[str, Any]]:
+def _statuses(spec, outcomes: dict[tuple[int, str], str], merge: dict | None = None) -> list[dict[str, Any]]:
     """Every status the planner writes for a run whose Jobs end as `outcomes` says (default success)."""
     results = {"assess": {"kept": 812, "scored": 1000}, "coverage": {"coverage": 0.734, "gapDocs": 10},
-               "train": {"loss": 1.25, "curve": [2.0, 1.5, 1.25]}}
+               "train": {"loss": 1.25, "curve": [2.0, 1.5, 1.25]}, "merge": merge or {"ok": True}}
     status, observed, history = None, {}, []
     for step in range(200):
         now = T0 + timedelta(seconds=step)
@@ -329,7 +329,7 @@ def _statuses(spec, outcomes: dict[tuple[int, str], str]) -> list[dict[str, Any]
     raise AssertionError("the run did not settle")
 
 
-@pytest.mark.parametrize("scenario", ["success", "stage-failure", "suspended", "invalid-spec"])
+@pytest.mark.parametrize("scenario", ["success", "stage-failure", "suspended", "invalid-spec", "converged"])
 def test_every_status_the_planner_writes_fits_the_status_schema_and_its_rules(scenario):
     spec = parse_spec(valid_base())
     if scenario == "success":
@@ -338,6 +338,10 @@ def test_every_status_the_planner_writes_fits_the_status_schema_and_its_rules(sc
     elif scenario == "stage-failure":
         history = _statuses(spec, {(1, "train"): "Failed"})
         assert history[-1]["phase"] == "Failed"
+    elif scenario == "converged":
+        spec = parse_spec(variant({"evaluate": {"data": "s3://d/heldout.jsonl", "stopWhenWorse": True}}))
+        history = _statuses(spec, {}, merge={"evalLossBefore": 2.0, "evalLossAfter": 2.5, "evalItems": 25})
+        assert history[-1]["phase"] == "Succeeded" and history[-1]["round"] == 0
     elif scenario == "suspended":
         history = _statuses(parse_spec(variant({"suspend": True})), {})
         assert history[-1]["phase"] == "Suspended"
