@@ -124,7 +124,7 @@ def plan(
     _fold_observations(rounds, observed, ts)
     _summarise(new, rounds, spec, run)
 
-    worse = worse_round(rounds[:spec.rounds]) if spec.evaluate and spec.evaluate.stop_when_worse else None
+    worse = _worse_round(rounds[:spec.rounds]) if spec.evaluate and spec.evaluate.stop_when_worse else None
     last = spec.rounds - 1 if worse is None else worse
     current = _current_stage(rounds, last + 1)
     jobs: list[EnsureJob] = []
@@ -260,7 +260,7 @@ def _fold_observations(rounds: list[dict[str, Any]], observed: Mapping[str, JobO
                 record.setdefault("startTime", seen.start_time or record["completionTime"])
 
 
-def worse_round(rounds: list[dict[str, Any]]) -> int | None:
+def _worse_round(rounds: list[dict[str, Any]]) -> int | None:
     """The first round whose succeeded merge measured a higher held-out loss after than before."""
     for entry in rounds:
         merge = entry["stages"].get("merge") or {}
