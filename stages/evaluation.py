@@ -3,7 +3,7 @@
 The quantity training minimises, measured on data it never saw: each Alpaca row is rendered and
 masked exactly as the train stage does it (`sft_data.encode`: chat template, prompt tokens
 ignored, cut at train.maxSeqLength), and the loss is summed over every supervised token of the
-set before dividing, so a long answer weighs by its tokens as in training, not as one item.
+set before dividing, so a long answer weighs by its tokens (as inside a training batch), not as one item.
 Rows are right-padded, so a causal model's logits at real positions are those of the row alone,
 and batched by length (the sum does not depend on the order).
 """
