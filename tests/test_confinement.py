@@ -30,9 +30,11 @@ def test_a_read_beside_the_repository_is_refused_and_remembered(layout):
     assert guard.seen == [str(layout / "beside" / "seeds.jsonl"), str(layout / "beside")]
 
 
-def test_a_sibling_that_holds_the_temporary_directory_stays_readable(layout):
-    roots = sibling_roots(layout / "clone", allowed=[layout / "beside" / "tmp"])
-    assert roots == []
+def test_siblings_that_hold_or_are_tool_or_temporary_places_stay_readable(layout):
+    assert sibling_roots(layout / "clone", allowed=[layout / "beside" / "tmp"]) == []
+    (layout / ".cache").mkdir()  # a clone in a home directory sits beside its tool caches
+    assert sibling_roots(layout / "clone", allowed=[]) == [(layout / "beside").resolve()]
+    assert sibling_roots(layout / "clone", allowed=[layout]) == []  # a clone in the temp dir
 
 
 def test_the_suite_runs_under_the_guard():
