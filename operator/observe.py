@@ -35,16 +35,22 @@ def observe_jobs(jobs: Iterable[Mapping[str, Any]],
     return observed
 
 
-def observe_job(job: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> JobObservation | None:
-    """None for a Job that does not carry a valid round and stage label (not one of ours)."""
-    meta = job.get("metadata", {})
-    labels = meta.get("labels") or {}
+def stage_labels(job: Mapping[str, Any]) -> tuple[int, str] | None:
+    """(round, stage) from a stage Job's labels; None when they are missing or invalid."""
+    labels = job.get("metadata", {}).get("labels") or {}
     try:
         round_, stage = int(labels[LABEL_ROUND]), labels[LABEL_STAGE]
     except (KeyError, ValueError):
         return None
-    if stage not in STAGES:
+    return (round_, stage) if stage in STAGES else None
+
+
+def observe_job(job: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> JobObservation | None:
+    """None for a Job that does not carry a valid round and stage label (not one of ours)."""
+    meta = job.get("metadata", {})
+    if (labelled := stage_labels(job)) is None:
         return None
+    round_, stage = labelled
     status = job.get("status") or {}
     true = {c["type"]: c for c in status.get("conditions") or () if c.get("status") == "True"}
     common = dict(name=meta["name"], round=round_, stage=stage,
@@ -84,11 +90,9 @@ def observe_foreign(job: Mapping[str, Any]) -> JobObservation | None:
     """A Job with a stage Job's name that this run does not control: an earlier run of the same
     name, deleted but not yet collected. Its stage waits (nothing of it is read) until it is gone."""
     meta = job.get("metadata", {})
-    labels = meta.get("labels") or {}
-    try:
-        round_, stage = int(labels[LABEL_ROUND]), labels[LABEL_STAGE]
-    except (KeyError, ValueError):
+    if (labelled := stage_labels(job)) is None:
         return None
+    round_, stage = labelled
     message = (f"Job {meta['name']} exists but belongs to another run (owner uid {controller_uid(job) or 'none'}), "
                "e.g. a deleted run of this name: it is created once the garbage collector has deleted that one")
     return JobObservation(meta["name"], round_, stage, "Refused", message=message)

@@ -230,22 +230,7 @@ async def test_operator_killed_at_random_points_finishes_without_regression(clus
         assert len(succeeded) == 1, name
 
     # No status regression across every version the run ever had.
-    position, finished = (-1, -1), {}
-    for version in cluster.history("kill"):
-        status = version.get("status") or {}
-        if "round" not in status:
-            continue
-        now = (status["round"], STAGES.index(status["stage"]))
-        assert now >= position, f"status moved back from {position} to {now}"
-        position = now
-        for entry in status.get("rounds", []):
-            for stage, record in entry["stages"].items():
-                key = (entry["round"], stage)
-                if key in finished:
-                    assert record == finished[key], f"finished record {key} changed"
-                elif record["phase"] in ("Succeeded", "Failed"):
-                    finished[key] = record
-    assert len(finished) == 10
+    assert len(assert_no_regression(cluster.history("kill"))) == 10
 
 
 async def test_fifty_concurrent_runs_all_complete(cluster):
@@ -288,3 +273,24 @@ def test_operator_options_scope_and_peering():
     newer = operator_options(None, "selfalign", clock=lambda: 1000.5)
     assert older["peering_name"] == newer["peering_name"] == "selfalign"
     assert older["priority"] > newer["priority"] > 0  # the oldest replica is the active one
+
+
+def assert_no_regression(history: list[dict]) -> dict:
+    """The run's (round, stage) never moves back, and a finished stage record never changes.
+    Returns the finished stage records by (round, stage)."""
+    position, finished = (-1, -1), {}
+    for version in history:
+        status = version.get("status") or {}
+        if "round" not in status:
+            continue
+        now = (status["round"], STAGES.index(status["stage"]))
+        assert now >= position, f"status moved back from {position} to {now}"
+        position = now
+        for entry in status.get("rounds", []):
+            for stage, record in entry["stages"].items():
+                key = (entry["round"], stage)
+                if key in finished:
+                    assert record == finished[key], f"finished record {key} changed"
+                elif record["phase"] in ("Succeeded", "Failed"):
+                    finished[key] = record
+    return finished
