@@ -37,6 +37,9 @@ SELF_INSTRUCT_STOP = ["\n\n", "\n16", "16.", "16 ."]  # the original's stop sequ
 ISHEEP_TASKS = 20  # "come up with a set of 20 diverse task instructions"
 FIRST_BATCH_YIELD = 8.0  # accepted instructions per prompt assumed before any were measured
 MIN_YIELD = 0.05  # a batch never asks for more than remaining / MIN_YIELD prompts
+# Machine tasks join the prompts only between batches (Self-Instruct shows 2 of them in each), so
+# an uncapped first batch of a 52K-task round would be ~7K prompts of seeds alone.
+MAX_BATCH = 1024
 QUESTION_CHARS = (10, 500)  # an AITP question is a sentence or two, not an essay
 EMPTY_COMPLETION = {
     "length": "truncated-completion",
@@ -227,7 +230,7 @@ def next_batch_size(remaining: int, accepted: int, prompts_used: int, max_prompt
     rate = accepted / prompts_used if prompts_used else FIRST_BATCH_YIELD
     wanted = math.ceil(remaining / max(rate, MIN_YIELD))
     wanted += wanted // 10  # a margin, so a batch rarely falls just short
-    return max(1, min(wanted, max_prompts - prompts_used))
+    return max(1, min(wanted, MAX_BATCH, max_prompts - prompts_used))
 
 
 def generate_instructions(

@@ -19,6 +19,7 @@ from selfalign.stages.parsing import Task
 from selfalign.stages.records import Seed
 from selfalign.stages.synthesize import (
     FIRST_BATCH_YIELD,
+    MAX_BATCH,
     inverse_perplexity_weights,
     isheep_prompt,
     machine_pool,
@@ -97,7 +98,8 @@ def test_isheep_prompt_shows_instruction_and_input_then_asks_for_the_next():
 def test_batches_grow_with_the_measured_yield_and_respect_the_cap():
     assert next_batch_size(800, 0, 0, 10_000) == 800 // FIRST_BATCH_YIELD + 10  # plus a 10% margin
     assert next_batch_size(100, 50, 100, 10_000) == 220  # yield 0.5 per prompt
-    assert next_batch_size(100, 0, 100, 10_000) == 2200  # no yield yet: at most remaining / 0.05
+    assert next_batch_size(100, 0, 100, 10_000) == MAX_BATCH  # no yield yet: remaining / 0.05, capped
+    assert next_batch_size(52_000, 0, 0, 200_000) == MAX_BATCH  # machine tasks join after the first
     assert next_batch_size(100, 0, 100, 150) == 50
     assert next_batch_size(1, 10, 5, 10_000) == 1
 
