@@ -25,12 +25,14 @@ SMOL = Path(__file__).resolve().parents[1] / "examples" / "smol.yaml"
 
 @pytest.fixture(scope="module")
 def smol_run(tmp_path_factory, smollm2_dir):
-    """The example with one round of 8 instructions, run to the end; its run folder. The scratch
-    is the one the session converted the model into, so the run reuses that conversion."""
+    """The example with one round of 8 instructions and no held-out evaluation, run to the end;
+    its run folder. The scratch is the one the session converted the model into, so the run
+    reuses that conversion."""
     tmp = tmp_path_factory.mktemp("smol")
     manifest = yaml.safe_load(SMOL.read_text())
     manifest["spec"]["rounds"] = 1
     manifest["spec"]["synthesize"].update(instructionsPerRound=8, maxPrompts=16)
+    del manifest["spec"]["evaluate"]  # ~90 s; the held-out loss is tested on the tiny model (test_merge)
     (tmp / "smol.yaml").write_text(yaml.safe_dump(manifest))
     log = tmp / "run.log"
     with log.open("w") as out:
