@@ -27,8 +27,9 @@ import statistics
 import sys
 
 from selfalign.operator.spec import Sampling
-from selfalign.stages import builtin, records
-from selfalign.stages.engines import template
+from selfalign.stages.runtime import builtin
+from selfalign.stages.text import records
+from selfalign.stages.models.engines import template
 
 from . import common
 

@@ -127,12 +127,12 @@ def vllm_environment(scratch: Path) -> None:
 
 
 def tiny_engine(scratch: Path, seed: int = 0):
-    """The project's engine on the tiny random Llama (stages/tiny_model.py), as the stage tests
+    """The project's engine on the tiny random Llama (stages/models/tiny_model.py), as the stage tests
     run it on CPU: float32, eager, a 512-token context (the model's own limit)."""
     vllm_environment(scratch)
     from selfalign.operator.spec import Engine as EngineSettings
-    from selfalign.stages.engines import Engine
-    from selfalign.stages.tiny_model import build_tiny_llama
+    from selfalign.stages.models.engines import Engine
+    from selfalign.stages.models.tiny_model import build_tiny_llama
 
     model = build_tiny_llama(scratch / "tiny-llama")
     settings = EngineSettings(dtype="float32", max_model_len=512, enforce_eager=True)
@@ -144,7 +144,7 @@ def run_on_tiny_engine(measure: Callable[[Any], int]) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         engine, start = timed(lambda: tiny_engine(Path(scratch)))
         try:
-            line("engine", f"tiny random Llama (stages/tiny_model.py) on vLLM CPU, float32, "
+            line("engine", f"tiny random Llama (stages/models/tiny_model.py) on vLLM CPU, float32, "
                            f"max_model_len {engine.max_model_len}; started in {start}")
             return measure(engine)
         finally:

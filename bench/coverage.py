@@ -4,7 +4,7 @@
     python -m bench.coverage --n 20000
     python -m bench.coverage --n 100000
 
-Both sides compute what the coverage stage computes (stages/coverage_report.py `score`): for each
+Both sides compute what the coverage stage computes (stages/vectors/coverage_report.py `score`): for each
 of N reference documents its nearest instruction item (coverage) and its SFT density (the share of
 instruction items among its k = 10 nearest neighbours in reference + instructions, itself
 excluded), with N // 4 instruction items. Vectors: random unit vectors of the embedder's size
@@ -31,7 +31,8 @@ import numpy as np
 import threadpoolctl
 
 from selfalign.operator.spec import Coverage
-from selfalign.stages import builtin, coverage_report, embeddings
+from selfalign.stages.runtime import builtin
+from selfalign.stages.vectors import coverage_report, embeddings
 
 from . import common
 

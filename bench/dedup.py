@@ -4,7 +4,7 @@
     python -m bench.dedup --n 20000     # reference time estimated from a timed random sample
     python -m bench.dedup --n 50000
 
-Project: stages/dedup.py `RougeDeduper.offer` on the N candidates in order (repeated, median).
+Project: stages/text/dedup.py `RougeDeduper.offer` on the N candidates in order (repeated, median).
 Reference: Self-Instruct's filter, rouge_score `RougeScorer(["rougeL"])` scoring each candidate
 against the whole pool (seeds + accepted so far), one process (Self-Instruct maps the pool over a
 4-process Pool; on this 2-core machine that would divide its time by 2 at best).
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from rouge_score import rouge_scorer
 
-from selfalign.stages.dedup import RougeDeduper
+from selfalign.stages.text.dedup import RougeDeduper
 
 from . import common
 

@@ -13,7 +13,7 @@ read by the stages' own parsers. Per kind and form it prints what the stage gets
 - judge (quality): mean label mass, and how often a seed's own output outscores another seed's
   output for the same instruction (0.5 is chance);
 - AITP questions and answers: replies that parse (structured output on).
-stages/prompting.py's CHAT_KINDS follows these numbers; docs/architecture.md keeps them. Every
+stages/text/prompting.py's CHAT_KINDS follows these numbers; docs/architecture.md keeps them. Every
 completion is written to --out/completions.jsonl (the parser corpus under tests/data/ was drawn
 from such a file). The ratio printed last is chat over raw for responses (usable share).
 """
@@ -29,15 +29,16 @@ from pathlib import Path
 
 from selfalign.operator.spec import Engine as EngineSettings
 from selfalign.operator.spec import Sampling
-from selfalign.stages import builtin, parsing, prompting, records, storage
+from selfalign.stages.runtime import builtin, storage
+from selfalign.stages.text import parsing, prompting, records
 from selfalign.stages.assess import SCORE_PREFIX, request_text
-from selfalign.stages.dedup import rouge_l
-from selfalign.stages.engines import Engine, template
-from selfalign.stages.filters import instruction_rejection, response_rejection
-from selfalign.stages.instances import (CLASSIFY_SAMPLING, INSTANCE_STOP, clean_instances, few_shot,
+from selfalign.stages.text.dedup import rouge_l
+from selfalign.stages.models.engines import Engine, template
+from selfalign.stages.text.filters import instruction_rejection, response_rejection
+from selfalign.stages.text.instances import (CLASSIFY_SAMPLING, INSTANCE_STOP, clean_instances, few_shot,
                                         instance_prompt, is_classification_answer, classify_prompt,
                                         parse_input_first)
-from selfalign.stages.records import Candidate
+from selfalign.stages.text.records import Candidate
 from selfalign.stages.synthesize import (ANSWER_SCHEMA, SELF_INSTRUCT_STOP, isheep_prompt,
                                          isheep_total, questions_schema, self_instruct_prompt)
 

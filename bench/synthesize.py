@@ -3,7 +3,7 @@
     python -m bench.synthesize --prompts 64
 
 The project's synthesize stage hands every prompt of a step to vLLM in one `Engine.generate` call
-(stages/engines.py), so the scheduler batches the decoding; the reference is the loop many
+(stages/models/engines.py), so the scheduler batches the decoding; the reference is the loop many
 generation scripts run, one request at a time (the same engine, one prompt per call). Prompts are
 Self-Instruct's (stages/synthesize.py `self_instruct_prompt`, 8 seed tasks each), the model the
 tiny random Llama on vLLM CPU. Decoding is greedy so both ways do the same work: the completions
@@ -19,8 +19,9 @@ import statistics
 import sys
 
 from selfalign.operator.spec import Sampling
-from selfalign.stages import builtin, records
-from selfalign.stages.parsing import Task
+from selfalign.stages.runtime import builtin
+from selfalign.stages.text import records
+from selfalign.stages.text.parsing import Task
 from selfalign.stages.synthesize import self_instruct_prompt
 
 from . import common

@@ -1,1 +1,1 @@
-"""selfalign operator: typed spec, pure planner and builders, kopf handlers, local runner, CLI."""
+"""selfalign operator: the control plane (typed spec, pure planner and builders, kopf handlers); cli/ holds the user tools."""

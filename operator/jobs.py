@@ -25,7 +25,7 @@ from .spec import STAGES, RunSpec, SpecError, StageResources, dump_spec, parse_s
 CONTAINER = "stage"
 SPEC_DIR, SPEC_FILE = "/etc/selfalign", "spec.json"
 SCRATCH = "/scratch"
-PVC_ROOT = "/mnt/pvc"  # selfalign.stages.storage reads pvc://<claim>/<path> below <claim>/
+PVC_ROOT = "/mnt/pvc"  # selfalign.stages.runtime.storage reads pvc://<claim>/<path> below <claim>/
 EXIT_BAD_INPUT = 2  # selfalign.stages.__main__: bad input, so a retry cannot help
 MASTER_PORT = 29500
 STAGE_UID = 1000

@@ -345,7 +345,7 @@ def validate_files(paths: Iterable[str], *, cluster: bool = True, stdin: TextIO 
 
     Each error line ends with the line in the file it points at.
     """
-    from .local import with_local_storage
+    from .cli.local import with_local_storage
 
     results: dict[str, list[str]] = {}
     loader = ManifestLoader("")

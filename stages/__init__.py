@@ -1,1 +1,1 @@
-"""selfalign stages: synthesize, assess, train, merge, coverage. One CLI: python -m selfalign.stages."""
+"""selfalign stages: synthesize, assess, train, merge, coverage (python -m selfalign.stages), built from text/, models/, vectors/ and runtime/."""

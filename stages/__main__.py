@@ -25,8 +25,8 @@ from pathlib import Path
 
 from selfalign.operator.spec import STAGES, SpecError, parse_spec
 
-from . import storage
-from .context import StageContext, StageError
+from .runtime import storage
+from .runtime.context import StageContext, StageError
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 RESULT_LIMIT = 4096  # bytes Kubernetes keeps of a termination message

@@ -31,13 +31,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import records, storage
-from .context import StageContext, StageError, StageOutcome
-from .dedup import RougeDeduper
-from .engines import Engine, ScoreDistribution, open_engine, template
-from .filters import instruction_rejection, response_rejection
-from .prompting import JUDGE
-from .records import Candidate
+from .text import records
+from .runtime import storage
+from .runtime.context import StageContext, StageError, StageOutcome
+from .text.dedup import RougeDeduper
+from .models.engines import Engine, ScoreDistribution, open_engine, template
+from .text.filters import instruction_rejection, response_rejection
+from .text.prompting import JUDGE
+from .text.records import Candidate
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ new data. Scores and gap selection: coverage_report.py.
 """
 from __future__ import annotations
 
-from . import storage
-from .context import StageContext, StageOutcome
-from .coverage_report import alpaca_set, analyse, read_reference, seed_set, write_outputs
-from .embeddings import Embedder
+from .runtime import storage
+from .runtime.context import StageContext, StageOutcome
+from .vectors.coverage_report import alpaca_set, analyse, read_reference, seed_set, write_outputs
+from .vectors.embeddings import Embedder
 
 
 def run(ctx: StageContext) -> StageOutcome:

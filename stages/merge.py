@@ -31,10 +31,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from selfalign.operator.lineage import model_uri
 
-from . import storage
-from .context import StageContext, StageError, StageOutcome
-from .evaluation import mean_nll, read_heldout
-from .sft_data import Example, parse_kept, split_rendering
+from .runtime import storage
+from .runtime.context import StageContext, StageError, StageOutcome
+from .models.evaluation import mean_nll, read_heldout
+from .text.sft_data import Example, parse_kept, split_rendering
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,17 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import parsing, storage
+from .text import parsing
+from .runtime import storage
 from .assess import earlier_kept
-from .context import StageContext, StageError, StageOutcome
-from .dedup import RougeDeduper
-from .engines import TOO_LONG, Engine, open_engine, template
-from .filters import instruction_rejection, normalize_instruction
-from .instances import generate_instances
-from .parsing import Task
-from .prompting import RESPONSE, REWRITE, TASKS, Prompt
-from .records import Candidate, RecordError, Seed, load_seeds
+from .runtime.context import StageContext, StageError, StageOutcome
+from .text.dedup import RougeDeduper
+from .models.engines import TOO_LONG, Engine, open_engine, template
+from .text.filters import instruction_rejection, normalize_instruction
+from .text.instances import generate_instances
+from .text.parsing import Task
+from .text.prompting import RESPONSE, REWRITE, TASKS, Prompt
+from .text.records import Candidate, RecordError, Seed, load_seeds
 
 log = logging.getLogger(__name__)
 

@@ -41,10 +41,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from . import storage
-from .context import StageContext, StageError, StageOutcome
-from .deepspeed_config import DeepSpeedConfigError, deepspeed_config, validate
-from .sft_data import Example, encode_all, ensure_chat_template, parse_kept
+from .runtime import storage
+from .runtime.context import StageContext, StageError, StageOutcome
+from .models.deepspeed_config import DeepSpeedConfigError, deepspeed_config, validate
+from .text.sft_data import Example, encode_all, ensure_chat_template, parse_kept
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from selfalign.operator.spec import Threshold
-from selfalign.stages import storage
+from selfalign.stages.runtime import storage
 from selfalign.stages.assess import (
     DUPLICATE,
     LOW_MASS,
@@ -16,9 +16,9 @@ from selfalign.stages.assess import (
     summarize,
     threshold_rejection,
 )
-from selfalign.stages.dedup import RougeDeduper
-from selfalign.stages.engines import ScoreDistribution
-from selfalign.stages.records import Candidate
+from selfalign.stages.text.dedup import RougeDeduper
+from selfalign.stages.models.engines import ScoreDistribution
+from selfalign.stages.text.records import Candidate
 from tests.test_engine import chain_model_dir  # noqa: F401 - a fixture
 from tests.test_synthesize import base_spec, run_stage, upload_seeds, write_spec
 

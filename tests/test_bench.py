@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from bench import assess, common, coverage, dedup, operator, synthesize
-from selfalign.stages import coverage_report  # noqa: E402
+from selfalign.stages.vectors import coverage_report  # noqa: E402
 
 RATIO = re.compile(r"ratio: (\d+\.\d\d)")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SELFALIGN = [sys.executable, "-m", "selfalign.operator.cli"]
+SELFALIGN = [sys.executable, "-m", "selfalign.operator.cli.main"]
 
 
 REPO = Path(__file__).resolve().parents[1]

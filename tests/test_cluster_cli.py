@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfalign.operator import cli, run_commands
+from selfalign.operator.cli import main as cli, run_commands
 from selfalign.operator.naming import LABEL_JOB
 from selfalign.operator.planner import JobObservation, plan
 from selfalign.operator.spec import parse_spec

@@ -22,10 +22,11 @@ from PIL import Image
 
 from selfalign.operator.lineage import stage_uri
 from selfalign.operator.spec import Coverage, dump_spec, parse_spec
-from selfalign.stages import coverage_report as cr
-from selfalign.stages import embeddings, knn, storage
-from selfalign.stages.context import StageContext, StageError
-from selfalign.stages.records import RecordError
+from selfalign.stages.vectors import coverage_report as cr
+from selfalign.stages.vectors import embeddings, knn
+from selfalign.stages.runtime import storage
+from selfalign.stages.runtime.context import StageContext, StageError
+from selfalign.stages.text.records import RecordError
 from selfalign.stages.synthesize import read_gaps
 
 REPO = Path(__file__).resolve().parents[1]

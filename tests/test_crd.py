@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from selfalign.operator import validate as v
-from selfalign.operator.local import with_local_storage
+from selfalign.operator.cli.local import with_local_storage
 from selfalign.operator.planner import JobObservation, plan
 from selfalign.operator.spec import PRESETS, STAGES, RunSpec, SpecError, dump_spec, parse_spec
 from tests.invalid_specs import INVALID, VALID, valid_base, variant

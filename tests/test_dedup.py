@@ -9,8 +9,8 @@ import pytest
 from rouge_score import rouge_scorer
 
 from bench.dedup import edit_words
-from selfalign.stages import storage
-from selfalign.stages.dedup import RougeDeduper, dedup_file, rouge_l, rouge_tokens
+from selfalign.stages.runtime import storage
+from selfalign.stages.text.dedup import RougeDeduper, dedup_file, rouge_l, rouge_tokens
 
 QUESTIONS = Path(__file__).resolve().parents[1] / "bench" / "data" / "t0-questions.jsonl"
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)

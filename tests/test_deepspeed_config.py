@@ -6,7 +6,7 @@ from transformers import TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from selfalign.operator.spec import SpecError, parse_spec
-from selfalign.stages.deepspeed_config import DeepSpeedConfigError, deepspeed_config, validate
+from selfalign.stages.models.deepspeed_config import DeepSpeedConfigError, deepspeed_config, validate
 
 HIDDEN = 128
 

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from markdown_it import MarkdownIt
 
-from selfalign.operator.cli import build_parser
+from selfalign.operator.cli.main import build_parser
 from selfalign.operator.validate import ManifestLoader, validate_files
 
 REPO = Path(__file__).resolve().parents[1]

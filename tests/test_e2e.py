@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from selfalign.operator.spec import STAGES
-from selfalign.stages import storage
+from selfalign.stages.runtime import storage
 from tests.fixtures.kube import NS, Cluster, Kubelet, OperatorProcess, api, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -32,7 +32,7 @@ ARTIFACTS = {  # file each stage must leave, besides its manifest
 
 
 def selfalign(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "selfalign.operator.cli", *args], **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "selfalign.operator.cli.main", *args], **kwargs)
 
 
 def assert_complete(run_uri: str, rounds: int = 2) -> None:

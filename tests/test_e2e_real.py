@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfalign.stages import storage
-from selfalign.stages.dedup import rouge_l
+from selfalign.stages.runtime import storage
+from selfalign.stages.text.dedup import rouge_l
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 SMOL = Path(__file__).resolve().parents[1] / "examples" / "smol.yaml"
@@ -36,7 +36,7 @@ def smol_run(tmp_path_factory, smollm2_dir):
     (tmp / "smol.yaml").write_text(yaml.safe_dump(manifest))
     log = tmp / "run.log"
     with log.open("w") as out:
-        done = subprocess.run([sys.executable, "-m", "selfalign.operator.cli", "run", str(tmp / "smol.yaml"),
+        done = subprocess.run([sys.executable, "-m", "selfalign.operator.cli.main", "run", str(tmp / "smol.yaml"),
                                "--storage", str(tmp / "store"), "--scratch", str(smollm2_dir.parents[1])],
                               stdout=out, stderr=subprocess.STDOUT, check=False)
     assert done.returncode == 0, log.read_text()[-3000:]

@@ -16,8 +16,8 @@ import pytest
 
 from selfalign.operator.spec import Engine as EngineSettings
 from selfalign.operator.spec import Sampling
-from selfalign.stages import parsing
-from selfalign.stages.engines import (
+from selfalign.stages.text import parsing
+from selfalign.stages.models.engines import (
     TOO_LONG,
     Engine,
     ScoreDistribution,
@@ -30,9 +30,9 @@ from selfalign.stages.engines import (
     split_context,
 )
 from selfalign.operator.spec import parse_spec
-from selfalign.stages.records import Seed
+from selfalign.stages.text.records import Seed
 from selfalign.stages.synthesize import ANSWER_SCHEMA, generate_instructions, questions_schema
-from selfalign.stages.tiny_model import build_toy_llama, format_texts
+from selfalign.stages.models.tiny_model import build_toy_llama, format_texts
 
 VERBS = ["Describe", "Explain", "Summarize", "Compare", "Suggest"]
 ADJECTIVES = ["quiet", "old", "busy", "small"]

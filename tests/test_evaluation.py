@@ -3,8 +3,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from selfalign.stages.evaluation import mean_nll
-from selfalign.stages.sft_data import Example, split_rendering
+from selfalign.stages.models.evaluation import mean_nll
+from selfalign.stages.text.sft_data import Example, split_rendering
 
 ROWS = [Example("Repeat the word stone.", "stone"),
         Example("Name three colours.", "Red, green and blue are three colours that people name first."),

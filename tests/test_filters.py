@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from selfalign.stages.filters import (
+from selfalign.stages.text.filters import (
     RULES,
     instruction_rejection,
     normalize_instruction,

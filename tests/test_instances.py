@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from selfalign.operator.spec import Sampling
-from selfalign.stages.engines import TOO_LONG, Completion
-from selfalign.stages.instances import (
+from selfalign.stages.models.engines import TOO_LONG, Completion
+from selfalign.stages.text.instances import (
     CLASSIFY_EXAMPLES,
     CLASSIFY_SAMPLING,
     EXAMPLE_CHARS,
@@ -30,8 +30,8 @@ from selfalign.stages.instances import (
     parse_input_first,
     parse_output_first,
 )
-from selfalign.stages.parsing import Task
-from selfalign.stages.records import Seed
+from selfalign.stages.text.parsing import Task
+from selfalign.stages.text.records import Seed
 
 
 def seeds(classification: int, other: int) -> list[Seed]:

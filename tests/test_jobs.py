@@ -297,7 +297,7 @@ def test_node_selector_tolerations_and_priority_class():
 
 
 def test_pvc_inputs_are_mounted_read_only_where_storage_reads_them(tmp_path, monkeypatch):
-    from selfalign.stages import storage
+    from selfalign.stages.runtime import storage
 
     pod = the_job(build("pvc-inputs", "train"))["spec"]["template"]["spec"]
     claims = {v["persistentVolumeClaim"]["claimName"]: v

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfalign.operator import cli, report, run_commands
-from selfalign.operator.local import Progress, default_storage, load_run, run_local
+from selfalign.operator.cli import main as cli, report, run_commands
+from selfalign.operator.cli.local import Progress, default_storage, load_run, run_local
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = (sys.executable, str(REPO / "tests" / "fake_stage.py"))
@@ -131,7 +131,7 @@ def test_watching_a_local_run_prints_each_change_until_it_ends(tmp_path, capsys,
 
 def test_ctrl_c_stops_the_running_stage_and_the_same_command_resumes(tmp_path):
     script = (f"import sys, yaml\nfrom pathlib import Path\n"
-              f"from selfalign.operator.local import load_run, run_local\n"
+              f"from selfalign.operator.cli.local import load_run, run_local\n"
               f"run = load_run(yaml.safe_load(open({str(REPO / 'examples' / 'tiny.yaml')!r})), "
               f"{(tmp_path / 'runs').as_uri()!r})\n"
               f"sys.exit(run_local(run, Path({str(tmp_path / 'scratch')!r}), stage_command=tuple(sys.argv[1:])))\n")

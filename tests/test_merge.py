@@ -8,12 +8,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selfalign.operator.spec import parse_spec
-from selfalign.stages import merge, storage
+from selfalign.stages import merge
+from selfalign.stages.runtime import storage
 from selfalign.stages.__main__ import run_stage
-from selfalign.stages.context import StageContext, StageError
-from selfalign.stages.evaluation import mean_nll, read_heldout
-from selfalign.stages.records import RecordError
-from selfalign.stages.sft_data import PLAIN_CHAT_TEMPLATE
+from selfalign.stages.runtime.context import StageContext, StageError
+from selfalign.stages.models.evaluation import mean_nll, read_heldout
+from selfalign.stages.text.records import RecordError
+from selfalign.stages.text.sft_data import PLAIN_CHAT_TEMPLATE
 from tests.test_train import kept_uri, spec_dict, toy_rows
 
 pytestmark = pytest.mark.slow

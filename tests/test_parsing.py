@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from selfalign.stages.parsing import (
+from selfalign.stages.text.parsing import (
     Task,
     alpaca_tasks,
     answer,

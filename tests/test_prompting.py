@@ -5,9 +5,10 @@ import threading
 import pytest
 from transformers import AutoTokenizer
 
-from selfalign.stages import builtin, prompting
-from selfalign.stages.engines import label_weights, native_bf16, render_prompt, resolve_dtype, spellings
-from selfalign.stages.prompting import JUDGE, RESPONSE, REWRITE, TASKS, uses_chat
+from selfalign.stages.runtime import builtin
+from selfalign.stages.text import prompting
+from selfalign.stages.models.engines import label_weights, native_bf16, render_prompt, resolve_dtype, spellings
+from selfalign.stages.text.prompting import JUDGE, RESPONSE, REWRITE, TASKS, uses_chat
 
 
 @pytest.mark.parametrize("mode, has_template, chat_kinds", [

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.stages import parsing
-from selfalign.stages.instances import clean_instances, is_classification_answer, parse_input_first
+from selfalign.stages.text import parsing
+from selfalign.stages.text.instances import clean_instances, is_classification_answer, parse_input_first
 
 CORPUS = [json.loads(line) for line in
           (Path(__file__).parent / "data" / "smollm2-completions.jsonl").read_text().splitlines()]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.stages import storage
-from selfalign.stages.context import StageError
-from selfalign.stages.records import (
+from selfalign.stages.runtime import storage
+from selfalign.stages.runtime.context import StageError
+from selfalign.stages.text.records import (
     Candidate,
     RecordError,
     Seed,

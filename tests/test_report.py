@@ -19,10 +19,10 @@ import pytest
 import yaml
 from matplotlib.figure import Figure
 from PIL import Image
-from selfalign.operator import cli, report
-from selfalign.operator.local import load_run
+from selfalign.operator.cli import main as cli, report
+from selfalign.operator.cli.local import load_run
 from selfalign.operator.planner import JobObservation, plan
-from selfalign.operator.report_html import render, write_report
+from selfalign.operator.cli.report_html import render, write_report
 from selfalign.operator.spec import STAGES, dump_spec
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml"

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from selfalign.operator import quality, report
-from selfalign.operator.report_html import write_report
+from selfalign.operator.cli import quality, report
+from selfalign.operator.cli.report_html import write_report
 
 # ROUGE-L F1 by hand: "write a poem" / "write a story" share 2 of 3 tokens each (F = 2/3); "list
 # three colors" shares nothing with either. Mean over the 3 pairs: 2/9. Leading words: write, list.

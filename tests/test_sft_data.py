@@ -2,8 +2,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from selfalign.stages.context import StageError
-from selfalign.stages.sft_data import (
+from selfalign.stages.runtime.context import StageError
+from selfalign.stages.text.sft_data import (
     IGNORE_INDEX, PLAIN_CHAT_TEMPLATE, Example, encode, encode_all, ensure_chat_template, parse_kept)
 
 

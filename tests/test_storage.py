@@ -8,10 +8,10 @@ import boto3
 import pytest
 import yaml
 
-from selfalign.stages import builtin, storage
-from selfalign.stages.records import RecordError, load_seeds
-from selfalign.stages.sft_data import parse_kept
-from selfalign.stages.storage import StorageError
+from selfalign.stages.runtime import builtin, storage
+from selfalign.stages.text.records import RecordError, load_seeds
+from selfalign.stages.text.sft_data import parse_kept
+from selfalign.stages.runtime.storage import StorageError
 from tests.fixtures.s3 import free_port, moto_server
 
 
@@ -215,7 +215,7 @@ def test_builtin_models(tmp_path, monkeypatch):
     def no_rebuild(_):
         raise AssertionError("built twice")
 
-    monkeypatch.setattr("selfalign.stages.tiny_model.build_tiny_llama", no_rebuild)
+    monkeypatch.setattr("selfalign.stages.models.tiny_model.build_tiny_llama", no_rebuild)
     assert builtin.materialize("tiny-llama", tmp_path) == tiny
 
 

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from selfalign.operator.spec import deep_merge, dump_spec, parse_spec
-from selfalign.stages import prompting, storage
-from selfalign.stages.instances import MAX_INSTANCES
-from selfalign.stages.parsing import Task
-from selfalign.stages.records import Seed
+from selfalign.stages.text import prompting
+from selfalign.stages.runtime import storage
+from selfalign.stages.text.instances import MAX_INSTANCES
+from selfalign.stages.text.parsing import Task
+from selfalign.stages.text.records import Seed
 from selfalign.stages.synthesize import (
     FIRST_BATCH_YIELD,
     MAX_BATCH,

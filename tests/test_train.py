@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from selfalign.operator.spec import parse_spec
-from selfalign.stages import storage, train
-from selfalign.stages.context import StageContext, StageError
+from selfalign.stages.runtime import storage
+from selfalign.stages import train
+from selfalign.stages.runtime.context import StageContext, StageError
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "paper", "glass", "music", "light", "sugar", "plant",

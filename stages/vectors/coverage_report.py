@@ -40,11 +40,12 @@ from tqdm import tqdm
 
 from selfalign.operator.spec import Coverage
 
-from . import records, storage
-from .context import StageError
+from ..text import records
+from ..runtime import storage
+from ..runtime.context import StageError
 from .embeddings import Embedder, embed
 from .knn import Neighbours, nearest
-from .records import RecordError
+from ..text.records import RecordError
 
 log = logging.getLogger(__name__)
 

@@ -202,7 +202,7 @@ def write_text(uri: str, text: str) -> None:
 
 
 def read_json(uri: str) -> Any:
-    from .records import RecordError  # records imports this module
+    from ..text.records import RecordError  # records imports this module
 
     try:
         return json.loads(read_bytes(uri))
@@ -261,7 +261,7 @@ def _byte_lines(uri: str) -> Iterator[Iterator[bytes]]:
 
 def iter_jsonl(uri: str) -> Iterator[tuple[int, dict]]:
     """(1-based line number, object) for every non-blank line, streamed; a bad line names uri:line."""
-    from .records import RecordError  # records imports this module
+    from ..text.records import RecordError  # records imports this module
 
     with _byte_lines(uri) as lines:
         for number, raw in enumerate(lines, start=1):

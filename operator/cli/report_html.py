@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from . import report as r
-from .spec import STAGES
+from ..spec import STAGES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 UNRECORDED = "not recorded yet (a stage's manifest records the spec)"
@@ -66,7 +66,8 @@ def write_report(run: r.Run, out_dir: Path) -> Path:
 
 
 def render(run: r.Run) -> str:
-    from . import quality, quality_html  # quality_html builds on this module's helpers
+    from . import quality
+    from . import quality_html  # quality_html builds on this module's helpers
 
     sections = [
         _failure(run),

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import storage
-from .context import StageError
+from ..runtime import storage
+from ..runtime.context import StageError
 
 ORIGINS = ("self-instruct", "isheep", "aitp")
 _MISSING = object()

@@ -155,9 +155,9 @@ def quality_line(run: Run, round_: int) -> str:
 
 def diversity(instructions: Iterable[str], sample: int = DIVERSITY_SAMPLE,
               seed: int = SAMPLE_SEED) -> Diversity:
-    """Mean pairwise ROUGE-L F1 (stages/dedup.py, the measure Self-Instruct dedups by; lower is
+    """Mean pairwise ROUGE-L F1 (stages/text/dedup.py, the measure Self-Instruct dedups by; lower is
     more diverse) of a fixed-seed sample of the distinct instructions, and their leading words."""
-    from selfalign.stages.dedup import rouge_l, rouge_tokens
+    from selfalign.stages.text.dedup import rouge_l, rouge_tokens
 
     rows = list(instructions)
     distinct = list(dict.fromkeys(rows))
@@ -185,8 +185,8 @@ def examples(rows: Iterable[dict[str, Any]]) -> tuple[list[Example], list[Exampl
 def read_round_data(run_uri: str, round_: int) -> RoundData | None:
     """Diversity of round k's kept.jsonl and example rows of its scored.jsonl; None when neither
     file is there (assess has not finished)."""
-    from selfalign.stages import storage
-    from selfalign.stages.records import RecordError
+    from selfalign.stages.runtime import storage
+    from selfalign.stages.text.records import RecordError
 
     prefix = f"{run_uri}/round-{round_}/assess"
     found_diversity, kept, rejected, problems = None, [], [], []

@@ -18,11 +18,11 @@ from typing import Any
 
 from .local import LOCAL_NAMESPACE
 from .quality import quality_line
-from .spec import STAGES
+from ..spec import STAGES
 
 STATUS_FILE = "status.json"
 SPEC_FILE = "spec.json"  # the resolved spec, written by the local runner
-MAP_FILE = "coverage.png"  # stages/coverage_report.py write_outputs
+MAP_FILE = "coverage.png"  # stages/vectors/coverage_report.py write_outputs
 TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"  # the planner's timestamps
 NOT_STARTED = "-"
 ERROR_CHARS = 80  # of a failure in a table cell; the run's message carries all of it
@@ -94,8 +94,8 @@ def run_location(run: str, storage_root: str) -> str:
 
 def read_run(uri: str) -> Run:
     """Read status.json, every stage manifest and every coverage map below the run's prefix."""
-    from selfalign.stages import storage
-    from selfalign.stages.records import RecordError
+    from selfalign.stages.runtime import storage
+    from selfalign.stages.text.records import RecordError
 
     uri = uri.rstrip("/")
     status, spec, manifests, maps, unreadable = {}, {}, {}, {}, []
@@ -119,8 +119,8 @@ def read_run(uri: str) -> Run:
 def list_runs(storage_root: str) -> list[RunRow]:
     """Every local run under `storage_root` (a folder with a status.json), by name; {} for a
     document that cannot be read (one broken run does not hide the others)."""
-    from selfalign.stages import storage
-    from selfalign.stages.records import RecordError
+    from selfalign.stages.runtime import storage
+    from selfalign.stages.text.records import RecordError
 
     prefix = f"{storage_root.rstrip('/')}/{LOCAL_NAMESPACE}/"
     documents: dict[str, dict[str, dict[str, Any]]] = {}

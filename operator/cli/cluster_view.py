@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .naming import GROUP, KIND, LABEL_JOB, PLURAL, VERSION
+from ..naming import GROUP, KIND, LABEL_JOB, PLURAL, VERSION
 from .report import Run, RunRow
 
 
@@ -154,8 +154,8 @@ def row(obj: dict[str, Any], with_namespace: bool) -> RunRow:
 def as_run(obj: dict[str, Any]) -> Run:
     """The run as `selfalign status` reads it: status and spec from the object, no artifacts
     (they are under its storage prefix, which the CLI user need not be able to read)."""
-    from .planner import storage_prefix
-    from .spec import SpecError, parse_spec
+    from ..planner import storage_prefix
+    from ..spec import SpecError, parse_spec
 
     meta, spec = obj["metadata"], obj.get("spec") or {}
     try:

@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .validate import validate_files
+    from ..validate import validate_files
 
     results = validate_files([str(p) for p in args.files], cluster=not args.local, note=print)
     failed = 0
@@ -55,9 +55,9 @@ def _validate(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     import yaml
 
-    from .jobs import render_round
-    from .settings import OperatorSettings
-    from .spec import SpecError
+    from ..jobs import render_round
+    from ..settings import OperatorSettings
+    from ..spec import SpecError
 
     _check(args.file, cluster=True)
     documents = _manifests(args.file)
@@ -74,7 +74,7 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _dedup(args: argparse.Namespace) -> int:
-    from selfalign.stages.dedup import dedup_file
+    from selfalign.stages.text.dedup import dedup_file
 
     counts = dedup_file(path_uri(args.pool) if args.pool else None, path_uri(args.candidates),
                         path_uri(args.out), args.threshold)
@@ -83,7 +83,7 @@ def _dedup(args: argparse.Namespace) -> int:
 
 
 def _coverage(args: argparse.Namespace) -> int:
-    from selfalign.stages.coverage_report import coverage_command
+    from selfalign.stages.vectors.coverage_report import coverage_command
 
     report = coverage_command(reference=path_uri(args.reference), instructions=path_uri(args.instructions),
                               out_dir=str(args.out), gaps=args.gaps, similarity=args.similarity, k=args.k,
@@ -93,7 +93,7 @@ def _coverage(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
-    from .handlers import run_operator
+    from ..handlers import run_operator
 
     run_operator(namespaces=args.namespace or None, peering=args.peering, liveness=args.liveness,
                  metrics_port=args.metrics_port)
@@ -104,7 +104,7 @@ def _operator(args: argparse.Namespace) -> int:
 
 def _check(path: Path, cluster: bool) -> None:
     """The manifest as `selfalign validate` checks it; its errors as a UserError, one per line."""
-    from .validate import validate_files
+    from ..validate import validate_files
 
     errors = [f"{where}: {error}" for where, found in validate_files([str(path)], cluster=cluster).items()
               for error in found]
@@ -116,7 +116,7 @@ def _manifests(path: Path) -> list[dict]:
     """YAML documents as kubectl reads them (`2e-5` is a number, not a string); `_check` first."""
     import yaml
 
-    from .validate import ManifestLoader
+    from ..validate import ManifestLoader
 
     return [d for d in yaml.load_all(path.read_text(), Loader=ManifestLoader) if d]
 
@@ -235,13 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_error_types() -> tuple[type[Exception], ...]:
     """Errors that carry a message for the user (bad input, storage, the cluster): one line each."""
-    from selfalign.stages.context import StageError
+    from selfalign.stages.runtime.context import StageError
 
-    from .spec import SpecError
+    from ..spec import SpecError
 
     types: list[type[Exception]] = [UserError, StageError, SpecError]
-    for module, name in (("selfalign.stages.storage", "StorageError"),
-                         ("selfalign.operator.cluster_view", "ClusterError")):
+    for module, name in (("selfalign.stages.runtime.storage", "StorageError"),
+                         ("selfalign.operator.cli.cluster_view", "ClusterError")):
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
     return tuple(types)
@@ -265,6 +265,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # The package's own module, not this __main__ copy: run_commands raises the UserError it imports.
-    from selfalign.operator.cli import main as package_main
+    from selfalign.operator.cli.main import main as package_main
 
     sys.exit(package_main())

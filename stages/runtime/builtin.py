@@ -44,7 +44,7 @@ def materialize(name: str, scratch: str | Path) -> Path:
     if name == "all-minilm-l6-v2":
         return _packaged_minilm()
     if name == "tiny-llama":
-        from .tiny_model import build_toy_llama
+        from ..models.tiny_model import build_toy_llama
 
         return build_once(Path(scratch) / "builtin" / "tiny-llama", build_toy_llama)
     if name == "smollm2-135m-instruct":
@@ -64,7 +64,7 @@ def _packaged_minilm() -> Path:
 
 
 def _smollm2(root: Path) -> Path:
-    from . import smollm2
+    from ..models import smollm2
 
     try:
         gguf = smollm2.gguf_path()

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .cli import UserError, path_uri
+from .main import UserError, path_uri
 
 TERMINAL = ("Succeeded", "Failed")
 POLL_SECONDS = 2.0  # local --watch: how often status.json is read again
@@ -74,7 +74,7 @@ def logs(args: argparse.Namespace) -> int:
             for text in cluster_view.pod_log(cluster, pod["metadata"]["name"], args.follow):
                 print(text, end="", flush=True)
         return 0
-    from selfalign.stages import storage
+    from selfalign.stages.runtime import storage
 
     from .local import stage_log_uri
 
@@ -194,7 +194,7 @@ def _listings(args: argparse.Namespace) -> Iterator[list[tuple[Any, dict[str, An
 def _local_object(name: str, spec: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
     """A local run in the shape of a SelfAlignRun, so `-o json|yaml` reads the same everywhere."""
     from .local import LOCAL_NAMESPACE
-    from .naming import GROUP, KIND, VERSION
+    from ..naming import GROUP, KIND, VERSION
 
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
             "metadata": {"name": name, "namespace": LOCAL_NAMESPACE}, "spec": spec, "status": status}
@@ -216,7 +216,7 @@ def _print(value: Any, output: str, table: Callable[[Any], str], obj: Any) -> No
 
 def _stage_of(status: dict[str, Any], round_: int | None, stage: str | None) -> tuple[int, str]:
     """(round index, stage): as asked (rounds counted from 1), else where the run is."""
-    from .spec import STAGES
+    from ..spec import STAGES
 
     index = round_ - 1 if round_ is not None else status.get("round")
     stage = stage or status.get("stage")
@@ -229,7 +229,7 @@ def _stage_of(status: dict[str, Any], round_: int | None, stage: str | None) -> 
 
 def _patch(args: argparse.Namespace, spec: dict[str, Any], done: str) -> int:
     from . import cluster_view
-    from .naming import KIND
+    from ..naming import KIND
 
     cluster = _cluster(args)
     stored = cluster_view.patch_spec(cluster, args.run, spec).get("spec") or {}

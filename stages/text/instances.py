@@ -25,7 +25,7 @@ import numpy as np
 
 from selfalign.operator.spec import Sampling
 
-from .engines import TOO_LONG, Engine, template
+from ..models.engines import TOO_LONG, Engine, template
 from .filters import normalize_instruction
 from .parsing import Task
 from .prompting import TASKS

@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .context import StageError
+from ..runtime.context import StageError
 from .records import RecordError
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips

@@ -43,8 +43,8 @@ from tqdm import tqdm
 from selfalign.operator.spec import Engine as EngineSettings
 from selfalign.operator.spec import Sampling
 
-from . import prompting
-from .prompting import ChatMode, Kind, Prompt
+from ..text import prompting
+from ..text.prompting import ChatMode, Kind, Prompt
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import IO, Any, Callable
 from urllib.parse import unquote, urlparse
 
-from .lineage import run_uri
-from .planner import EnsureJob, JobObservation, plan
-from .spec import STAGES, RunSpec, dump_spec, parse_spec
+from ..lineage import run_uri
+from ..planner import EnsureJob, JobObservation, plan
+from ..spec import STAGES, RunSpec, dump_spec, parse_spec
 
 LOCAL_NAMESPACE = "local"
 EXIT_BAD_INPUT = 2  # the stage's "retrying cannot help" exit code (stages/__main__.py)
@@ -86,7 +86,7 @@ def run_local(run: LocalRun, scratch: Path, echo: Callable[[str], None] = print,
     `echo` gets one line per finished stage; `live` (a terminal) also shows the running stage's
     line, rewritten every second; `verbose` streams the stages' own output to stdout.
     """
-    from selfalign.stages import storage
+    from selfalign.stages.runtime import storage
 
     status = storage.read_json(run.status_uri) if storage.exists(run.status_uri) else {}
     observed: dict[str, JobObservation] = {}
@@ -177,7 +177,7 @@ class _Line:
 def _run_stage(run: LocalRun, job: EnsureJob, spec_file: Path, scratch: Path, stage_command: tuple[str, ...],
                verbose: bool, line: _Line) -> JobObservation:
     """Run one stage like a Job with `backoffLimit` retries; return what it shows when it ends."""
-    from selfalign.stages import storage
+    from selfalign.stages.runtime import storage
 
     command = [*stage_command, job.stage, "--spec", str(spec_file), "--round", str(job.round),
                "--run-uri", job.run_uri, "--scratch", str(scratch)]

@@ -25,7 +25,8 @@ from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
 from tqdm import tqdm
 
-from . import records, storage
+from . import records
+from ..runtime import storage
 
 log = logging.getLogger(__name__)
 _TOKEN = re.compile(r"[a-z0-9]+")

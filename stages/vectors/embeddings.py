@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import storage
+from ..runtime import storage
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import torch
 from torch.nn.functional import cross_entropy
 from torch.nn.utils.rnn import pad_sequence
 
-from . import storage
-from .sft_data import IGNORE_INDEX, Example, encode_all, parse_kept
+from ..runtime import storage
+from ..text.sft_data import IGNORE_INDEX, Example, encode_all, parse_kept
 
 BATCH_SIZE = 4  # rows per forward pass: logits are batch x length x vocabulary floats
 

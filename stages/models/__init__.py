@@ -1,0 +1,1 @@
+"""Models: the vLLM engines, the builtin models, DeepSpeed configs, per-round evaluation."""

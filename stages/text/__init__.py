@@ -1,0 +1,1 @@
+"""Text and data handling: prompts, parsers, rule filters, near-duplicates, records, SFT rows."""

@@ -1,0 +1,1 @@
+"""Embeddings and k-nearest-neighbour search, and the coverage analysis built on them."""
