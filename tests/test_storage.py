@@ -253,3 +253,51 @@ def test_packaged_data_and_mounted_claims_read_like_files(tmp_path, monkeypatch)
     assert list(storage.iter_jsonl("pvc://claim/data/x.jsonl")) == [(1, {"a": 1})]
     with pytest.raises(storage.StorageError, match="unknown builtin data"):
         storage.read_bytes("builtin://nope")
+
+
+def _fetch_model(uri: str, scratch: str, start, downloads, results) -> None:
+    """One rank of a node: wait for the others, then ask for the model at once (a spawned process)."""
+    real = storage.download_dir
+
+    def counted(*args, **kwargs):
+        with downloads.get_lock():
+            downloads.value += 1
+        return real(*args, **kwargs)
+
+    storage.download_dir = counted
+    start.wait()
+    try:
+        path = storage.local_path(uri, scratch)
+        results.put(("ok", str(path), sorted((p.name, p.read_bytes()) for p in path.iterdir())))
+    except Exception as exc:  # reported to the test, which names it
+        results.put(("error", f"{type(exc).__name__}: {exc}", []))
+
+
+def test_ranks_of_one_node_share_one_download(tmp_path, s3_bucket):
+    """Eight ranks ask for the same s3:// model at once: one downloads, the others wait and reuse it."""
+    import multiprocessing
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"shard-{i:02d}.bin").write_bytes(bytes([i]) * 200_000)
+    storage.upload_dir(src, f"{s3_bucket}/models/m")
+    expected = sorted((p.name, p.read_bytes()) for p in src.iterdir())
+
+    spawn = multiprocessing.get_context("spawn")
+    ranks = 8
+    start, downloads, results = spawn.Barrier(ranks), spawn.Value("i", 0), spawn.Queue()
+    procs = [spawn.Process(target=_fetch_model, args=(f"{s3_bucket}/models/m", str(tmp_path / "scratch"),
+                                                      start, downloads, results)) for _ in range(ranks)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+
+    assert [status for status, _, _ in outcomes] == ["ok"] * ranks, [why for _, why, _ in outcomes]
+    assert len({path for _, path, _ in outcomes}) == 1
+    assert all(files == sorted(expected + [(storage.COMPLETE_MARKER, b"")]) for _, _, files in outcomes)
+    assert downloads.value == 1
+    cache = tmp_path / "scratch" / "cache"
+    assert [p.name for p in cache.iterdir() if p.is_dir()] == [Path(outcomes[0][1]).name]  # no staging left

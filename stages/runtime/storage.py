@@ -8,6 +8,7 @@ Every failure surfaces as a one-line `StorageError` naming the URI or the endpoi
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -409,23 +410,57 @@ def local_path(uri: str, scratch: str | Path) -> Path:
 
 
 def _cached_s3(uri: str, scratch: Path) -> Path:
+    """Download once per node, whichever of its ranks or stages ask at the same time.
+
+    The first caller takes the key's lock, downloads into a staging folder and renames it into
+    place complete; the others wait on the lock, then find the folder and reuse it. A cache folder
+    exists only complete, so it is never deleted while a reader may be using it.
+    """
     cache = scratch / "cache" / hashlib.sha256(uri.encode()).hexdigest()[:32]
-    marker = cache / COMPLETE_MARKER
-    if marker.exists():
+    if (cache / COMPLETE_MARKER).exists():
         log.info("using cached copy uri=%s path=%s", uri, cache)
-        return cache / marker.read_text()  # the object's name, or "" for a folder
-    shutil.rmtree(cache, ignore_errors=True)  # a download that died half-way
-    cache.mkdir(parents=True)
-    log.info("downloading uri=%s path=%s", uri, cache)
-    if list_uris(uri):
-        download_dir(uri, cache)
-        name = ""
-    else:  # a single object, e.g. a corpus file
-        name = _split_s3(uri)[1].rsplit("/", 1)[-1]
-        with _translated("download", uri):
-            _client().download_file(*_split_s3(uri), str(cache / name))
-    marker.write_text(name)
+        return cache / (cache / COMPLETE_MARKER).read_text()  # the object's name, or "" for a folder
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(cache.parent / f".{cache.name}.lock"):
+        if (cache / COMPLETE_MARKER).exists():
+            log.info("using the copy another process downloaded uri=%s path=%s", uri, cache)
+            return cache / (cache / COMPLETE_MARKER).read_text()
+        for stale in cache.parent.glob(f".{cache.name}.*.part"):  # its downloader died holding the lock
+            shutil.rmtree(stale)
+        shutil.rmtree(cache, ignore_errors=True)  # left by a version that downloaded in place
+        staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".part"))
+        try:
+            name = _download_s3(uri, staging)
+            (staging / COMPLETE_MARKER).write_text(name)
+            os.rename(staging, cache)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return cache / name
+
+
+def _download_s3(uri: str, folder: Path) -> str:
+    """Copy a folder's objects, or a single object, into `folder`; the name below it ("" for a folder)."""
+    log.info("downloading uri=%s path=%s", uri, folder)
+    if list_uris(uri):
+        download_dir(uri, folder)
+        return ""
+    name = _split_s3(uri)[1].rsplit("/", 1)[-1]  # a single object, e.g. a corpus file
+    with _translated("download", uri):
+        _client().download_file(*_split_s3(uri), str(folder / name))
+    return name
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on `lock_path`: the kernel frees it when its holder exits or is killed, so
+    a rank that dies mid-download never blocks the next (stdlib; filelock would wrap the same call)."""
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _hf_snapshot(uri: str, scratch: Path) -> Path:
