@@ -301,3 +301,111 @@ def test_ranks_of_one_node_share_one_download(tmp_path, s3_bucket):
     assert downloads.value == 1
     cache = tmp_path / "scratch" / "cache"
     assert [p.name for p in cache.iterdir() if p.is_dir()] == [Path(outcomes[0][1]).name]  # no staging left
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """(operation, headers) of every request the storage client sends, recorded as it goes out."""
+    requests: list[tuple[str, dict]] = []
+
+    def record(request, event_name, **_):
+        requests.append((event_name.rsplit(".", 1)[-1], {k.lower(): v for k, v in request.headers.items()}))
+
+    clients = []
+    real = storage._client_for
+
+    def recording(settings):
+        client = real(settings)
+        if client not in clients:
+            client.meta.events.register("before-send.s3", record)
+            clients.append(client)
+        return client
+
+    monkeypatch.setattr(storage, "_client_for", recording)
+    yield requests
+    for client in clients:
+        client.meta.events.unregister("before-send.s3", record)
+
+
+def _checksum_headers(headers: dict) -> list[str]:
+    return [k for k in headers if k.startswith("x-amz-checksum") or k in ("x-amz-sdk-checksum-algorithm", "x-amz-trailer")]
+
+
+def test_a_custom_endpoint_gets_no_checksum_headers_and_large_objects_go_in_parts(tmp_path, s3_bucket, sent,
+                                                                                  monkeypatch):
+    """MinIO and Ceph RGW refuse boto3's default CRC32 headers: none is sent to a custom endpoint."""
+    from boto3.s3.transfer import TransferConfig
+
+    part = 5 * 1024 * 1024  # S3's smallest part
+    monkeypatch.setattr(storage, "TRANSFER", TransferConfig(multipart_threshold=part, multipart_chunksize=part))
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (2 * part + 10))
+    storage.write_json(f"{s3_bucket}/small.json", {"a": 1})
+    storage.upload_file(big, f"{s3_bucket}/big.bin")
+    storage.write_jsonl(f"{s3_bucket}/rows.jsonl", ({"i": i} for i in range(3)))
+    storage.download_dir(s3_bucket, tmp_path / "copy")
+    storage.delete_dir(s3_bucket)
+
+    operations = [op for op, _ in sent]
+    assert {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "GetObject",
+            "DeleteObjects"} <= set(operations)
+    assert operations.count("UploadPart") == 3  # the big file in three parts, never one PUT
+    assert (tmp_path / "copy" / "big.bin").read_bytes() == big.read_bytes()
+    uploads = [(op, headers) for op, headers in sent if op in ("PutObject", "UploadPart", "CreateMultipartUpload")]
+    assert [(op, _checksum_headers(headers)) for op, headers in uploads] == [(op, []) for op, _ in uploads]
+    assert all("x-amz-checksum-mode" not in headers for op, headers in sent if op == "GetObject")
+
+
+class _Sent(Exception):
+    """Raised by a before-send hook: the request was built and recorded, and goes nowhere."""
+
+
+@pytest.mark.parametrize("endpoint, override, checksummed", [
+    (None, None, True),  # AWS itself: boto3's default CRC32
+    ("http://minio.storage:9000", None, False),
+    ("http://minio.storage:9000", "when_supported", True),  # the AWS_* variable still decides
+])
+def test_checksums_follow_the_endpoint_unless_the_environment_says(monkeypatch, endpoint, override, checksummed):
+    for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_REQUEST_CHECKSUM_CALCULATION", override)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    headers = {}
+
+    def capture(request, **_):
+        headers.update({k.lower(): v for k, v in request.headers.items()})
+        raise _Sent
+
+    client = storage._client()
+    client.meta.events.register("before-send.s3", capture)
+    try:
+        with pytest.raises(_Sent):
+            storage.write_bytes("s3://bucket/key", b"data")
+    finally:
+        client.meta.events.unregister("before-send.s3", capture)
+    assert bool(_checksum_headers(headers)) is checksummed, headers
+
+
+def test_the_embedding_cache_goes_up_from_a_file(tmp_path, s3_bucket, monkeypatch):
+    import numpy as np
+
+    from selfalign.stages.vectors import embeddings
+
+    class Embedder:
+        uri, identity, dimensions = "builtin://fake", "fake", 3
+
+        def encode(self, texts):
+            return np.ones((len(texts), 3), np.float32)
+
+    uploaded = []
+    real = storage.upload_file
+    monkeypatch.setattr(storage, "upload_file", lambda path, uri: (uploaded.append(uri), real(path, uri)))
+    monkeypatch.setattr(storage, "write_bytes", None)  # one PUT from memory: not used
+    vectors, cached = embeddings.embed(Embedder(), ["a", "b"], f"{s3_bucket}/cache", tmp_path)
+    assert not cached and len(uploaded) == 1
+    again, cached = embeddings.embed(Embedder(), ["a", "b"], f"{s3_bucket}/cache", tmp_path)
+    assert cached and (again == vectors).all()

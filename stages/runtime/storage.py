@@ -23,6 +23,7 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -48,6 +49,9 @@ DEFAULT_RETRY_MODE, DEFAULT_MAX_ATTEMPTS = "standard", 10
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
            "InvalidToken", "AuthorizationHeaderMalformed"}
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+# Objects above 64 MiB move in 64 MiB parts, several at once: S3 caps a single PUT at 5 GB and an
+# upload at 10,000 parts, so this reaches 640 GB (a model shard, an embedding cache) from a file.
+TRANSFER = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
 
 
 class StorageError(Exception):
@@ -104,20 +108,28 @@ def join(prefix: str, *parts: str) -> str:
 def _client():
     settings = tuple(os.environ.get(name) for name in (
         "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"))
+        "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS",
+        "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"))
     return _client_for(settings)
 
 
 @functools.lru_cache(maxsize=4)
 def _client_for(settings: tuple[str | None, ...]):
     """One client per environment (tests change it between servers); boto3 clients are thread-safe."""
-    endpoint, endpoint_s3, _, _, _, _, mode, attempts = settings
+    endpoint, endpoint_s3, _, _, _, _, mode, attempts, request_checksum, response_checksum = settings
+    custom = bool(endpoint or endpoint_s3)
     config = Config(
         retries={"mode": mode or DEFAULT_RETRY_MODE, "max_attempts": int(attempts or DEFAULT_MAX_ATTEMPTS)},
         connect_timeout=10,
         read_timeout=120,
         # MinIO and Ceph behind a service name serve buckets as paths, not as DNS subdomains.
-        s3={"addressing_style": "path" if (endpoint or endpoint_s3) else "auto"},
+        s3={"addressing_style": "path" if custom else "auto"},
+        # boto3 >= 1.36 adds CRC32 checksums (x-amz-checksum-crc32, aws-chunked trailers) to every
+        # upload by default, which older MinIO and Ceph RGW refuse: on a custom endpoint send them
+        # only where the API requires one. AWS itself keeps boto3's default. The AWS_* variables
+        # still decide when set (docs/storage.md).
+        request_checksum_calculation=request_checksum or ("when_required" if custom else None),
+        response_checksum_validation=response_checksum or ("when_required" if custom else None),
     )
     return boto3.session.Session().client("s3", config=config)
 
@@ -184,7 +196,8 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """A single PUT on S3 (atomic: readers see the old object or the new one); temp + rename on disk."""
+    """A single PUT on S3 (atomic: readers see the old object or the new one); temp + rename on disk.
+    For small objects (JSON, text); a large one goes through `upload_file`."""
     if _scheme(uri) == "file":
         with _atomic_file(_file_path(uri)) as out:
             out.write(data)
@@ -192,6 +205,18 @@ def write_bytes(uri: str, data: bytes) -> None:
     bucket, key = _split_s3(uri)
     with _translated("write", uri):
         _client().put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def upload_file(path: str | Path, uri: str) -> None:
+    """Copy the local file `path` to `uri`: a large object goes up in parts (TRANSFER), never as one
+    PUT held in memory; temp + rename on disk."""
+    if _scheme(uri) == "file":
+        with _atomic_file(_file_path(uri)) as out, open(path, "rb") as source:
+            shutil.copyfileobj(source, out)
+        return
+    bucket, key = _split_s3(uri)
+    with _translated("upload", uri):
+        _client().upload_file(str(path), bucket, key, Config=TRANSFER)
 
 
 def read_text(uri: str) -> str:
@@ -296,7 +321,7 @@ def write_jsonl(uri: str, rows: Iterable[dict]) -> int:
         write_all(spool)
         spool.seek(0)
         with _translated("write", uri):
-            _client().upload_fileobj(spool, bucket, key)  # multipart above 8 MB, parts in parallel
+            _client().upload_fileobj(spool, bucket, key, Config=TRANSFER)  # multipart when large
     return count
 
 
@@ -337,7 +362,8 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         for path in files:
             target = join(uri, path.relative_to(local_dir).as_posix())
             with _translated("upload", target):
-                _client().upload_file(str(path), bucket, _split_s3(target)[1], Callback=bar.update)
+                _client().upload_file(str(path), bucket, _split_s3(target)[1], Config=TRANSFER,
+                                      Callback=bar.update)
 
 
 def delete_dir(uri: str) -> None:
@@ -375,7 +401,8 @@ def download_dir(uri: str, local_dir: str | Path) -> None:
             target = local_dir / obj_key[len(folder):]
             target.parent.mkdir(parents=True, exist_ok=True)
             with _translated("download", f"s3://{bucket}/{obj_key}"):
-                _client().download_file(bucket, obj_key, str(target), Callback=bar.update)
+                _client().download_file(bucket, obj_key, str(target), Config=TRANSFER,
+                                        Callback=bar.update)
 
 
 # --- model and corpus locations ------------------------------------------------------------------
@@ -447,7 +474,7 @@ def _download_s3(uri: str, folder: Path) -> str:
         return ""
     name = _split_s3(uri)[1].rsplit("/", 1)[-1]  # a single object, e.g. a corpus file
     with _translated("download", uri):
-        _client().download_file(*_split_s3(uri), str(folder / name))
+        _client().download_file(*_split_s3(uri), str(folder / name), Config=TRANSFER)
     return name
 
 

@@ -3,8 +3,8 @@ an earlier round's data) is embedded once per storage, whichever run or command 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +65,10 @@ def embed(embedder: Embedder, texts: list[str], cache: str,
                     uri, vectors.shape)
     log.info("embedding texts=%d embedder=%s", len(texts), embedder.uri)
     vectors = embedder.encode(texts)
-    buffer = io.BytesIO()
-    np.save(buffer, vectors)
-    storage.write_bytes(uri, buffer.getvalue())
+    # From a file, so a large cache goes up in parts (a single PUT stops at 5 GB).
+    Path(scratch).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=scratch, suffix=".npy") as local:
+        np.save(local, vectors)
+        local.flush()
+        storage.upload_file(local.name, uri)
     return vectors, False
