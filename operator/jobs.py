@@ -8,6 +8,20 @@ through `torchrun`; on more than one node (`spec.train.nodes > 1`) the Job is an
 pods find rank 0 through a headless Service (`<job>-0.<service>`), the pattern the Kubernetes docs
 give for Indexed Jobs with pod-to-pod communication. Names come from the planner's EnsureJob, so
 the same inputs always give the same objects and a repeated create is a harmless 409.
+
+Pod template overrides (the chart's, then `spec.podTemplate`, then the stage's) are merged over
+the hardened pod; what they may not touch (the stage's env, volumes and mounts) spec.py refuses.
+
+How a stage Job fails, the contract with the planner:
+- exit code 2 (bad input) fails the Job at once (podFailurePolicy FailJob): a retry cannot help;
+- single node: any other failure is retried in place up to `spec.backoffLimit`; a disrupted pod
+  (preemption, eviction, drain: DisruptionTarget) is replaced without counting;
+- several nodes (Indexed Job): the Job succeeds when index 0 (rank 0, which writes the manifest)
+  succeeds (successPolicy; beta and on by default from Kubernetes 1.31, GA in 1.33), and any
+  failed or disrupted pod fails the whole Job at once (backoffLimit 0, podFailurePolicy FailJob),
+  so no index restarts alone while its peers wait in a collective. The planner then creates the
+  whole train Job again as a new attempt, unless a pod exited with 2;
+- `activeDeadlineSeconds` fails any Job that runs longer (reason DeadlineExceeded).
 """
 from __future__ import annotations
 
@@ -20,7 +34,7 @@ from .naming import (GROUP, KIND, LABEL_ROUND, LABEL_RUN, LABEL_STAGE, MAX_LABEL
                      config_map_name, job_name)
 from .planner import EnsureJob, storage_prefix
 from .settings import OperatorSettings
-from .spec import STAGES, RunSpec, SpecError, StageResources, dump_spec, parse_spec
+from .spec import STAGES, PodTemplate, RunSpec, SpecError, StageResources, dump_spec, parse_spec
 
 CONTAINER = "stage"
 SPEC_DIR, SPEC_FILE = "/etc/selfalign", "spec.json"
@@ -30,6 +44,8 @@ EXIT_BAD_INPUT = 2  # selfalign.stages.__main__: bad input, so a retry cannot he
 MASTER_PORT = 29500
 STAGE_UID = 1000
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Kueue reads a Job's WorkloadPriorityClass from this label: set on the run, it reaches every Job.
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 # `selfalign render` runs offline, before the cluster has given the run its uid.
 OFFLINE_UID = "00000000-0000-0000-0000-000000000000"
@@ -89,13 +105,39 @@ def build_config_map(spec: RunSpec, *, namespace: str, run_name: str, owner: dic
 
 
 def build_stage_objects(spec: RunSpec, job: EnsureJob, *, namespace: str, run_name: str,
-                        owner: dict, settings: OperatorSettings) -> list[Object]:
-    """[Job], or [headless Service, Indexed Job] for training on more than one node."""
+                        owner: dict, settings: OperatorSettings,
+                        labels_of_run: Mapping[str, str] | None = None) -> list[Object]:
+    """[Job], or [headless Service, Indexed Job] for training on more than one node.
+    `labels_of_run`: the run's metadata.labels, of which Kueue's priority class goes to the Job."""
+    passed = {key: value for key, value in (labels_of_run or {}).items() if key == PRIORITY_LABEL}
     if not _multi_node(spec, job.stage):
-        return [_job(spec, job, namespace, run_name, owner, settings, service=None)]
+        return [_job(spec, job, namespace, run_name, owner, settings, None, passed)]
     service = service_name(job.name)
     return [_service(job, service, namespace, run_name, owner),
-            _job(spec, job, namespace, run_name, owner, settings, service=service)]
+            _job(spec, job, namespace, run_name, owner, settings, service, passed)]
+
+
+def build_network_policy(*, namespace: str, run_name: str, owner: dict,
+                         settings: OperatorSettings) -> Object | None:
+    """The run's NetworkPolicy (when the chart enables it): its stage pods admit traffic only from
+    the run's own train pods, on every port: torch's rendezvous store listens on MASTER_PORT
+    (29500), but NCCL's bootstrap and socket transport (and gloo) listen on ephemeral ports that
+    no setting pins. Egress is open unless the chart restricts it to the train peers plus its
+    rules (DNS and the storage endpoint, say)."""
+    if settings.network_policy is None:
+        return None
+    run = {LABEL_RUN: label_value(run_name), "app.kubernetes.io/managed-by": "selfalign-operator"}
+    peers = [{"podSelector": {"matchLabels": {**run, LABEL_STAGE: "train"}}}]
+    spec: Object = {"podSelector": {"matchLabels": run}, "policyTypes": ["Ingress"],
+                    "ingress": [{"from": peers}]}
+    egress = settings.network_policy.get("egress")
+    if egress is not None:
+        spec["policyTypes"].append("Egress")
+        spec["egress"] = [{"to": peers}, *egress]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": config_map_name(run_name), "namespace": namespace,
+                         "labels": run_labels(run_name, "network"), "ownerReferences": [owner]},
+            "spec": spec}
 
 
 def render_round(manifest: dict, round_: int, settings: OperatorSettings) -> list[Object]:
@@ -115,11 +157,14 @@ def render_round(manifest: dict, round_: int, settings: OperatorSettings) -> lis
                              "metadata": {"name": name, "uid": OFFLINE_UID}})
     run = storage_prefix(spec, namespace, name, OFFLINE_UID)  # on a cluster: the run's own uid
     objects = [build_config_map(spec, namespace=namespace, run_name=name, owner=owner)]
+    policy = build_network_policy(namespace=namespace, run_name=name, owner=owner, settings=settings)
+    objects += [policy] if policy else []
     for stage in STAGES:
         ensure = EnsureJob(round_, stage, job_name(name, round_, stage), run,
                            stage_model(spec, run, round_, stage))
         objects += build_stage_objects(spec, ensure, namespace=namespace, run_name=name,
-                                       owner=owner, settings=settings)
+                                       owner=owner, settings=settings,
+                                       labels_of_run=metadata.get("labels"))
     return objects
 
 
@@ -139,42 +184,97 @@ def _distributed(spec: RunSpec, stage: str) -> bool:
 
 
 def _job(spec: RunSpec, job: EnsureJob, namespace: str, run_name: str, owner: dict,
-         settings: OperatorSettings, service: str | None) -> Object:
+         settings: OperatorSettings, service: str | None, passed: Mapping[str, str]) -> Object:
     labels = {**run_labels(run_name, job.stage), **stage_selector(run_name, job.round, job.stage)}
-    metadata: Object = {"name": job.name, "namespace": namespace, "labels": dict(labels),
+    metadata: Object = {"name": job.name, "namespace": namespace, "labels": {**labels, **passed},
                         "ownerReferences": [owner]}
     if spec.queue_name:
         # Kueue's docs: label the Job with its LocalQueue; Kueue's webhook suspends it until the
         # workload is admitted, so the Job is not created suspended (that would hang without Kueue).
         metadata["labels"][QUEUE_LABEL] = spec.queue_name
+    overrides = pod_overrides(spec, job.stage, settings)
+    pod_metadata = overrides.get("metadata", {})
+    template_metadata: Object = {"labels": {**pod_metadata.get("labels", {}), **labels}}
+    if pod_metadata.get("annotations"):
+        template_metadata["annotations"] = dict(pod_metadata["annotations"])
+    bad_input = {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                      "values": [EXIT_BAD_INPUT]}}
+    disrupted = [{"type": "DisruptionTarget", "status": "True"}]
     job_spec: Object = {
         "backoffLimit": spec.backoff_limit,
         "podFailurePolicy": {"rules": [
             # Preemption, eviction and node drain are not the stage's fault: retry without counting.
-            {"action": "Ignore",
-             "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                  "values": [EXIT_BAD_INPUT]}},
+            {"action": "Ignore", "onPodConditions": disrupted},
+            bad_input,
         ]},
         # A replacement pod starts only once the failed one is gone: never two ranks of one index.
         "podReplacementPolicy": "Failed",
         "ttlSecondsAfterFinished": settings.job_ttl_seconds,
-        "template": {"metadata": {"labels": labels},
-                     "spec": _pod_spec(spec, job, run_name, settings, service)},
+        "template": {"metadata": template_metadata,
+                     "spec": _pod_spec(spec, job, run_name, settings, service, overrides.get("spec", {}))},
     }
+    deadline = spec.stage_resources(job.stage).active_deadline_seconds
+    if deadline is not None:
+        job_spec["activeDeadlineSeconds"] = deadline
     if service is not None:
         nodes = spec.train.nodes
-        # One rank failing brings every rank down (NCCL), so each index gets the run's whole retry
-        # budget and the first index out of retries ends the Job; backoffLimit caps the same total.
+        # The ranks work as one (a collective waits for every rank): the Job is done when rank 0
+        # is, and fails as a whole the moment any pod fails or is disrupted (the module docstring).
         job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes,
-                        backoffLimitPerIndex=spec.backoff_limit, maxFailedIndexes=0,
-                        backoffLimit=spec.backoff_limit * nodes)
+                        backoffLimit=0, successPolicy={"rules": [{"succeededIndexes": "0"}]},
+                        podFailurePolicy={"rules": [
+                            {"action": "FailJob", "onPodConditions": disrupted}, bad_input]})
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
+# Lists merged item by item on these keys (the patchMergeKeys of kubectl's strategic merge patch
+# for these Pod fields); a later item of the same key replaces the earlier one whole.
+MERGE_KEYS = {"imagePullSecrets": ("name",), "volumes": ("name",), "containers": ("name",),
+              "env": ("name",), "volumeMounts": ("mountPath",),
+              "topologySpreadConstraints": ("topologyKey", "whenUnsatisfiable")}
+# Replaced whole by a later layer: merging two affinities or two selectors term by term would
+# build a rule that neither layer wrote.
+ATOMIC = {"nodeAffinity", "podAffinity", "podAntiAffinity"}
+
+
+def pod_overrides(spec: RunSpec, stage: str, settings: OperatorSettings) -> Object:
+    """The chart's pod template, the run's and the stage's, merged in that order (later wins):
+    mappings key by key, named lists by name, envFrom lists appended (Kubernetes applies them in
+    order), anything else replaced."""
+    merged: Object = {}
+    for layer in (settings.pod_template, spec.pod_template, spec.stage_resources(stage).pod_template):
+        if layer is not None:
+            merged = _merge(merged, layer.model_dump(mode="json", by_alias=True, exclude_none=True,
+                                                     exclude_defaults=True))
+    return merged
+
+
+def _merge(base: Object, over: Mapping[str, Any]) -> Object:
+    out = dict(base)
+    for key, value in over.items():
+        if key in MERGE_KEYS:
+            out[key] = _merge_items(out.get(key, []), value, MERGE_KEYS[key], deep=key == "containers")
+        elif key == "envFrom":
+            out[key] = [*out.get(key, []), *(item for item in value if item not in out.get(key, []))]
+        elif isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ATOMIC:
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _merge_items(base: list[Object], over: list[Object], keys: tuple[str, ...], deep: bool) -> list[Object]:
+    items = {tuple(item.get(k) for k in keys): item for item in base}
+    for item in over:
+        key = tuple(item.get(k) for k in keys)
+        items[key] = _merge(items[key], item) if deep and key in items else item
+    return list(items.values())
+
+
 def _pod_spec(spec: RunSpec, job: EnsureJob, run_name: str, settings: OperatorSettings,
-              service: str | None) -> Object:
+              service: str | None, overrides: Mapping[str, Any]) -> Object:
     res = spec.stage_resources(job.stage)
+    [added] = overrides.get("containers") or [{}]
     claims = _pvc_claims(spec)
     container = {
         "name": CONTAINER,
@@ -199,9 +299,15 @@ def _pod_spec(spec: RunSpec, job: EnsureJob, run_name: str, settings: OperatorSe
             "readOnlyRootFilesystem": True,
         },
     }
+    container["env"] += added.get("env", [])
+    container["volumeMounts"] += added.get("volumeMounts", [])
+    env_from = list(added.get("envFrom", []))
     if spec.storage.secret_ref is not None:
-        # Credentials reach the pod only from the Secret: never as values in any manifest.
-        container["envFrom"] = [{"secretRef": {"name": spec.storage.secret_ref.name}}]
+        # Credentials reach the pod only from the Secret: never as values in any manifest. Last,
+        # so that no other Secret given as env shadows the storage keys.
+        env_from.append({"secretRef": {"name": spec.storage.secret_ref.name}})
+    if env_from:
+        container["envFrom"] = env_from
     pod: Object = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -231,6 +337,8 @@ def _pod_spec(spec: RunSpec, job: EnsureJob, run_name: str, settings: OperatorSe
                               for t in res.tolerations]
     if res.priority_class_name:
         pod["priorityClassName"] = res.priority_class_name
+    pod["volumes"] += overrides.get("volumes", [])
+    pod.update({key: value for key, value in overrides.items() if key not in ("volumes", "containers")})
     if service is not None:
         pod["subdomain"] = service
     return pod
@@ -244,11 +352,25 @@ def _stage_args(job: EnsureJob) -> list[str]:
     return args + ["--scratch", SCRATCH]
 
 
+# torchrun itself exits 1 whatever code its workers exit with (its main re-raises the agent's
+# ChildFailedError), so bad input (2) would count as a crash and be retried. This runs torchrun's
+# own main and exits 2 when any worker of this node did.
+TORCHRUN = f"""\
+import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+try:
+    main(sys.argv[1:])
+except ChildFailedError as exc:
+    sys.exit({EXIT_BAD_INPUT} if any(f.exitcode == {EXIT_BAD_INPUT} for f in exc.failures.values()) else 1)
+"""
+
+
 def _command(spec: RunSpec, job: EnsureJob) -> list[str]:
     """The stage CLI, under torchrun when distributed (Kubernetes fills `$(VAR)` from the env)."""
     if not _distributed(spec, job.stage):
         return ["python", "-m", "selfalign.stages", *_stage_args(job)]
-    return ["torchrun", "--nnodes=$(NNODES)", "--nproc-per-node=$(NPROC_PER_NODE)",
+    return ["python", "-c", TORCHRUN, "--nnodes=$(NNODES)", "--nproc-per-node=$(NPROC_PER_NODE)",
             "--node-rank=$(NODE_RANK)", "--master-addr=$(MASTER_ADDR)",
             "--master-port=$(MASTER_PORT)",
             "-m", "selfalign.stages", *_stage_args(job)]

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Mapping
 
-from .spec import STAGES, StageResources
+from pydantic import ValidationError
+
+from .spec import STAGES, PodTemplate, StageResources
 
 # What the CRD's schema writes into every stored run that leaves a stage's field out (gpus: 0,
 # shmSize, scratchSize): the same defaults as the typed spec's, from which the CRD is generated.
@@ -28,6 +30,8 @@ TTL_ENV = "SELFALIGN_JOB_TTL_SECONDS"
 # stage's Job is created again and again.
 MIN_JOB_TTL = 3600
 RESOURCES_ENV = "SELFALIGN_STAGE_RESOURCES"  # JSON {stage: {gpus, cpu, memory, ...}} (camelCase)
+POD_TEMPLATE_ENV = "SELFALIGN_POD_TEMPLATE"  # JSON: a spec.podTemplate under every run's
+NETWORK_POLICY_ENV = "SELFALIGN_NETWORK_POLICY"  # JSON {"egress": [rules] | null}: a policy per run
 
 
 def default_images() -> dict[str, str]:
@@ -42,6 +46,10 @@ class OperatorSettings:
     # Status keeps every finished stage's result, so a finished Job is only needed for debugging.
     job_ttl_seconds: int = 7 * 86400
     stage_resources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Under every run's spec.podTemplate: the cluster's pod labels, ServiceAccount, pull secrets...
+    pod_template: PodTemplate | None = None
+    # None: no NetworkPolicy; else one per run, egress restricted when "egress" holds rules.
+    network_policy: Mapping[str, Any] | None = None
 
     def with_defaults(self, raw_spec: Mapping[str, Any] | None) -> dict[str, Any]:
         """The run's spec over the operator's default `resources`: a stage field the run sets wins,
@@ -76,27 +84,57 @@ class OperatorSettings:
             override = environ.get(IMAGE_ENV.format(stage=stage.upper()), "").strip()
             if override:
                 images[stage] = override
-        resources = _stage_resources(environ.get(RESOURCES_ENV, "").strip())
+        given: dict[str, Any] = {
+            "stage_resources": _stage_resources(environ.get(RESOURCES_ENV, "").strip()),
+            "pod_template": _pod_template(environ.get(POD_TEMPLATE_ENV, "").strip()),
+            "network_policy": _network_policy(environ.get(NETWORK_POLICY_ENV, "").strip()),
+        }
         raw_ttl = environ.get(TTL_ENV, "").strip()
-        if not raw_ttl:
-            return cls(images=images, stage_resources=resources)
-        try:
-            ttl = int(raw_ttl)
-        except ValueError:
-            raise ValueError(f"{TTL_ENV}: expected a whole number of seconds, "
-                             f"got {raw_ttl!r}") from None
-        return cls(images=images, job_ttl_seconds=ttl, stage_resources=resources)
+        if raw_ttl:
+            try:
+                given["job_ttl_seconds"] = int(raw_ttl)
+            except ValueError:
+                raise ValueError(f"{TTL_ENV}: expected a whole number of seconds, "
+                                 f"got {raw_ttl!r}") from None
+        return cls(images=images, **given)
 
 
 def _stage_resources(raw: str) -> dict[str, dict[str, Any]]:
     if not raw:
         return {}
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"{RESOURCES_ENV}: invalid JSON: {exc}") from None
+    value = _json(RESOURCES_ENV, raw)
     if not isinstance(value, dict) or not set(value) <= set(STAGES) or \
             not all(isinstance(v, dict) for v in value.values()):
         raise ValueError(f"{RESOURCES_ENV}: expected {{stage: {{gpus, cpu, memory, ...}}}} "
                          f"with stages among {', '.join(STAGES)}")
+    return value
+
+
+def _json(name: str, raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}: invalid JSON: {exc}") from None
+
+
+def _pod_template(raw: str) -> PodTemplate | None:
+    """The chart's pod template, held to the rules of a run's (the stage contract stays)."""
+    if not raw:
+        return None
+    try:
+        return PodTemplate.model_validate(_json(POD_TEMPLATE_ENV, raw))
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        raise ValueError("; ".join(
+            f"{POD_TEMPLATE_ENV}: " + ".".join(str(part) for part in err["loc"]) + f": {err['msg']}"
+            for err in errors)) from None
+
+
+def _network_policy(raw: str) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    value = _json(NETWORK_POLICY_ENV, raw)
+    if not isinstance(value, dict) or set(value) != {"egress"} or \
+            not (value["egress"] is None or isinstance(value["egress"], list)):
+        raise ValueError(f'{NETWORK_POLICY_ENV}: expected {{"egress": [NetworkPolicyEgressRule, ...] or null}}')
     return value

@@ -214,6 +214,254 @@ class Toleration(_Model):
     toleration_seconds: int | None = Field(None, ge=0, description="How long a NoExecute taint is tolerated")
 
 
+# What a pod template override may not touch: the stage contract's own env, volumes and mounts
+# (selfalign.operator.jobs builds them; tests/test_jobs.py checks that every one is listed here)
+# and the labels the operator selects a run's Jobs and Pods by.
+RESERVED_ENV = frozenset({"SELFALIGN_SCRATCH", "HF_HOME", "XDG_CACHE_HOME", "HOME", "PYTHONUNBUFFERED",
+                          "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "NNODES", "NPROC_PER_NODE",
+                          "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"})
+RESERVED_ENV_PREFIX = "SELFALIGN_"
+RESERVED_VOLUMES = frozenset({"spec", "scratch", "shm", "tmp"})
+RESERVED_VOLUME_PREFIX = "pvc-"  # pvc-<i>: the claims of pvc:// inputs
+RESERVED_MOUNTS = ("/etc/selfalign", "/scratch", "/dev/shm", "/tmp", "/mnt/pvc")
+RESERVED_LABEL_PREFIXES = ("selfalign.dev/", "app.kubernetes.io/")
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ABSOLUTE_PATH = r"^/\S*$"
+VOLUME_SOURCES = frozenset({
+    "persistentVolumeClaim", "configMap", "secret", "emptyDir", "csi", "ephemeral", "projected",
+    "downwardAPI", "nfs", "hostPath", "image", "iscsi", "fc", "cephfs", "rbd", "glusterfs",
+    "awsElasticBlockStore", "gcePersistentDisk", "azureDisk", "azureFile", "flexVolume"})
+
+
+def _reserved_mount(path: str) -> bool:
+    return any(path == root or path.startswith(f"{root}/") for root in RESERVED_MOUNTS)
+
+
+class KeyRef(_Model):
+    """One key of a Secret or ConfigMap in the run's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Object name")
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in the object")
+    optional: bool | None = Field(None, description="Start the pod even if the object or key is missing")
+
+
+class FieldRef(_Model):
+    """A field of the pod (downward API), e.g. metadata.name."""
+
+    field_path: str = Field(min_length=1, max_length=256, pattern=r"^\S+$", description="Field path, e.g. metadata.name")
+
+
+class EnvSource(_Model):
+    """Where an env value comes from: exactly one of secretKeyRef, configMapKeyRef, fieldRef."""
+
+    secret_key_ref: KeyRef | None = Field(None, description="A key of a Secret")
+    config_map_key_ref: KeyRef | None = Field(None, description="A key of a ConfigMap")
+    field_ref: FieldRef | None = Field(None, description="A field of the pod")
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvSource:
+        if sum(ref is not None for ref in (self.secret_key_ref, self.config_map_key_ref, self.field_ref)) != 1:
+            raise ValueError("exactly one of secretKeyRef, configMapKeyRef, fieldRef")
+        return self
+
+
+class EnvVar(_Model):
+    """An environment variable of the stage container (as in a Pod spec)."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME, description="Variable name")
+    value: str | None = Field(None, max_length=32768, description="Literal value")
+    value_from: EnvSource | None = Field(None, description="Value from a Secret, ConfigMap or pod field")
+
+    @field_validator("name")
+    @classmethod
+    def _not_the_stages(cls, name: str) -> str:
+        if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIX):
+            raise ValueError(f"{name} is set by the operator for the stage contract: choose another name")
+        return name
+
+    @model_validator(mode="after")
+    def _value_or_source(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("value and valueFrom exclude each other")
+        return self
+
+
+class ObjectName(_Model):
+    """A Secret or ConfigMap in the run's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Object name")
+    optional: bool | None = Field(None, description="Start the pod even if the object is missing")
+
+
+class LocalObjectReference(_Model):
+    """A Secret in the run's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Secret name")
+
+
+class EnvFrom(_Model):
+    """Every key of a Secret or ConfigMap as env (exactly one of secretRef, configMapRef)."""
+
+    prefix: str | None = Field(None, max_length=253, pattern=ENV_NAME, description="Prepended to every key")
+    secret_ref: ObjectName | None = Field(None, description="A Secret, e.g. one holding HF_TOKEN")
+    config_map_ref: ObjectName | None = Field(None, description="A ConfigMap")
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvFrom:
+        if (self.secret_ref is None) == (self.config_map_ref is None):
+            raise ValueError("exactly one of secretRef, configMapRef")
+        return self
+
+
+class VolumeMount(_Model):
+    """A volume of podTemplate.spec.volumes mounted into the stage container."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL, description="Volume name")
+    mount_path: str = Field(min_length=2, max_length=4096, pattern=ABSOLUTE_PATH, description="Absolute path in the container")
+    sub_path: str | None = Field(None, max_length=4096, pattern=r"^[^/]\S*$", description="Path inside the volume")
+    read_only: bool | None = Field(None, description="Mount read-only")
+
+    @field_validator("mount_path")
+    @classmethod
+    def _not_the_stages(cls, path: str) -> str:
+        if _reserved_mount(path):
+            raise ValueError(f"{path} is at or under a mount of the stage contract "
+                             f"({', '.join(RESERVED_MOUNTS)}): choose another path")
+        return path
+
+
+class ContainerOverride(_Model):
+    """Additions to the stage container, the pod's only container (named stage)."""
+
+    name: Literal["stage"] = Field(description="The stage container")
+    env: list[EnvVar] = Field([], max_length=128, description="Env merged by name over the operator's")
+    env_from: list[EnvFrom] = Field([], max_length=32, description="Secrets and ConfigMaps given as env")
+    volume_mounts: list[VolumeMount] = Field([], max_length=64, description="Mounts merged by mountPath")
+
+    @field_validator("env")
+    @classmethod
+    def _unique_env(cls, env: list[EnvVar]) -> list[EnvVar]:
+        return _unique(env, "name")
+
+    @field_validator("volume_mounts")
+    @classmethod
+    def _unique_mounts(cls, mounts: list[VolumeMount]) -> list[VolumeMount]:
+        return _unique(mounts, "mount_path")
+
+
+class Volume(_Model):
+    """A pod volume: a name and one volume source, as in a Pod spec (the API server checks the source)."""
+
+    model_config = ConfigDict(**_Model.model_config | {"extra": "allow"})
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL, description="Volume name")
+
+    @field_validator("name")
+    @classmethod
+    def _not_the_stages(cls, name: str) -> str:
+        if name in RESERVED_VOLUMES or name.startswith(RESERVED_VOLUME_PREFIX):
+            raise ValueError(f"{name!r} is a volume of the stage contract ({', '.join(sorted(RESERVED_VOLUMES))}, "
+                             f"{RESERVED_VOLUME_PREFIX}<i> for pvc:// inputs): choose another name")
+        return name
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Volume:
+        sources = sorted(self.model_extra or {})
+        if len(sources) != 1 or sources[0] not in VOLUME_SOURCES:
+            raise ValueError(f"needs exactly one volume source (persistentVolumeClaim, configMap, secret, csi, "
+                             f"...), got {', '.join(sources) or 'none'}")
+        return self
+
+
+class Affinity(_Model):
+    """Pod affinity, as in a Pod spec; each kind replaces the one below it."""
+
+    node_affinity: dict[str, Any] | None = Field(None, description="Node affinity (Kubernetes NodeAffinity)")
+    pod_affinity: dict[str, Any] | None = Field(None, description="Pod affinity (Kubernetes PodAffinity)")
+    pod_anti_affinity: dict[str, Any] | None = Field(None, description="Pod anti-affinity (Kubernetes PodAntiAffinity)")
+
+
+class TopologySpread(_Model):
+    """A topology spread constraint, as in a Pod spec."""
+
+    max_skew: int = Field(ge=1, le=1024, description="Largest allowed difference in matching pods between domains")
+    topology_key: str = Field(min_length=1, max_length=317, pattern=LABEL_KEY, description="Node label of the domain")
+    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(description="What the scheduler does then")
+    label_selector: dict[str, Any] | None = Field(None, description="Pods counted (Kubernetes LabelSelector)")
+    match_label_keys: list[Annotated[str, Field(min_length=1, max_length=317, pattern=LABEL_KEY)]] = Field(
+        [], max_length=16, description="Pod label keys whose values select the pods counted")
+    min_domains: int | None = Field(None, ge=1, le=1024, description="Least eligible domains")
+
+
+class PodMetadata(_Model):
+    """Labels and annotations of the stage pods, e.g. sidecar.istio.io/inject: "false"."""
+
+    labels: dict[str, LabelValue] = Field({}, max_length=64, description="Pod labels")
+    annotations: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        {}, max_length=64, description="Pod annotations")
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _keys(cls, mapping: dict[str, str]) -> dict[str, str]:
+        bad = [key for key in mapping if len(key) > 317 or not re.match(LABEL_KEY, key)]
+        if bad:
+            raise ValueError(f"not a label key: {', '.join(map(repr, bad))}")
+        ours = [key for key in mapping if key.startswith(RESERVED_LABEL_PREFIXES)]
+        if ours:
+            raise ValueError(f"{', '.join(ours)}: the operator sets the {' and '.join(RESERVED_LABEL_PREFIXES)} "
+                             f"keys (it finds a run's pods by them)")
+        return mapping
+
+
+class PodSpecOverride(_Model):
+    """The pod fields a run may set; everything else (security context, command, the stage's
+    volumes) stays as the operator builds it."""
+
+    service_account_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN, description=(
+        "ServiceAccount of the stage pods, e.g. one bound to a cloud role (IRSA, Workload Identity) for "
+        "storage without static keys; its API token is still not mounted"))
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        [], max_length=16, description="Secrets for private registries, merged by name")
+    affinity: Affinity | None = Field(None, description="Node and pod affinity")
+    topology_spread_constraints: list[TopologySpread] = Field(
+        [], max_length=16, description="Spread of the pods; merged by topologyKey and whenUnsatisfiable")
+    runtime_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
+                                           description="RuntimeClass, e.g. nvidia")
+    scheduler_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
+                                       description="Scheduler of the pods, e.g. a gang scheduler")
+    volumes: list[Volume] = Field([], max_length=64, description="Extra volumes, merged by name")
+    containers: list[ContainerOverride] = Field([], max_length=1, description="The stage container: env, envFrom, volumeMounts")
+
+    @field_validator("volumes", "image_pull_secrets")
+    @classmethod
+    def _unique_names(cls, items: list) -> list:
+        return _unique(items, "name")
+
+    @field_validator("topology_spread_constraints")
+    @classmethod
+    def _unique_spreads(cls, spreads: list[TopologySpread]) -> list[TopologySpread]:
+        keys = [(spread.topology_key, spread.when_unsatisfiable) for spread in spreads]
+        if len(set(keys)) != len(keys):
+            raise ValueError("topologyKey and whenUnsatisfiable must be unique together")
+        return spreads
+
+
+class PodTemplate(_Model):
+    """Overrides of the stage pods (a typed subset of a PodTemplateSpec): the chart's under the
+    run's (spec.podTemplate) under the stage's (spec.resources.<stage>.podTemplate)."""
+
+    metadata: PodMetadata = Field(PodMetadata(), description="Pod labels and annotations")
+    spec: PodSpecOverride = Field(PodSpecOverride(), description="Pod fields")
+
+
+def _unique(items: list, key: str) -> list:
+    values = [getattr(item, key) for item in items]
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise ValueError(f"{key} must be unique: {', '.join(map(str, repeated))} repeated")
+    return items
+
+
 class StageResources(_Model):
     gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod")
     cpu: str | None = Field(None, max_length=32, pattern=QUANTITY, description="CPU request and limit, e.g. 8 or 500m")
@@ -226,6 +474,10 @@ class StageResources(_Model):
                                             description="PriorityClass of the pod")
     image: str | None = Field(None, max_length=512, pattern=IMAGE,
                               description="Overrides the operator's image for this stage")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, le=31_536_000, description="Seconds the stage's Job may run before it fails with "
+                                               "DeadlineExceeded, releasing its GPUs (a hung NCCL or vLLM)")
+    pod_template: PodTemplate | None = Field(None, description="Pod overrides of this stage, over spec.podTemplate")
 
     @field_validator("node_selector")
     @classmethod
@@ -262,6 +514,7 @@ class RunSpec(_Model):
     evaluate: Evaluate | None = Field(None, description="Held-out loss per round, measured by the merge stage")
     engine: Engine = Field(Engine(), description="vLLM engine of synthesize and assess")
     resources: Resources = Field(Resources(), description="Pod resources per stage")
+    pod_template: PodTemplate | None = Field(None, description="Pod overrides of every stage, over the chart's")
     queue_name: str | None = Field(None, max_length=63, pattern=DNS_SUBDOMAIN,
                                    description="Kueue LocalQueue the stage Jobs are submitted to")
     suspend: bool = Field(False, description="Start nothing new; a running stage finishes")

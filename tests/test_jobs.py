@@ -18,7 +18,8 @@ from selfalign.operator.settings import OperatorSettings, default_images
 from selfalign.operator.spec import STAGES, SpecError, deep_merge, dump_spec, parse_spec
 from tests.fixtures.crd import admit
 
-K8S_VERSION = "1.33"  # podFailurePolicy, backoffLimitPerIndex and podReplacementPolicy are GA here
+K8S_VERSION = "1.33"  # podFailurePolicy, successPolicy and podReplacementPolicy are GA here
+MIN_K8S_VERSION = "1.31"  # the chart's kubeVersion: successPolicy is beta there, on by default
 NAMESPACE = "research"
 SETTINGS = OperatorSettings(images={s: f"registry.test/selfalign/{s}:1.0" for s in STAGES},
                             job_ttl_seconds=3600)
@@ -34,6 +35,27 @@ BASE_SPEC = {
     "coverage": {"reference": "file:///data/reference.jsonl"},
 }
 TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+HF_TOKEN = {"secretRef": {"name": "hf-token"}}
+MODELS_PVC = {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+RUN_TEMPLATE = {
+    "metadata": {"labels": {"team": "nlp"}, "annotations": {"sidecar.istio.io/inject": "false"}},
+    "spec": {"serviceAccountName": "selfalign-irsa", "imagePullSecrets": [{"name": "registry"}],
+             "volumes": [MODELS_PVC],
+             "containers": [{"name": "stage", "envFrom": [HF_TOKEN],
+                             "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
+                             "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}]}]},
+}
+TRAIN_TEMPLATE = {
+    "metadata": {"labels": {"team": "nlp-train"}},
+    "spec": {"runtimeClassName": "nvidia", "schedulerName": "gang",
+             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                 {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}},
+             "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                            "whenUnsatisfiable": "DoNotSchedule"}],
+             "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models-fast"}}],
+             "containers": [{"name": "stage", "env": [{"name": "HF_HUB_OFFLINE", "value": "0"},
+                                                      {"name": "NCCL_DEBUG", "value": "INFO"}]}]},
+}
 # name -> (run name, overrides merged over BASE_SPEC)
 VARIANTS = {
     "cpu-default": ("tiny", {}),
@@ -54,6 +76,11 @@ VARIANTS = {
     "long-name": (LONG_NAME, {"train": {"nodes": 2}, "resources": {"train": {"gpus": 4}}}),
     # A custom resource's name may be a DNS subdomain; a Service or pod hostname may not.
     "dotted-name": ("team.a-run", {"train": {"nodes": 2}, "resources": {"train": {"gpus": 4}}}),
+    "placed-pods": ("placed-pods", {
+        "train": {"nodes": 2},
+        "storage": {"uri": "s3://bucket/runs", "secretRef": {"name": "s3-creds"}},
+        "podTemplate": RUN_TEMPLATE,
+        "resources": {"train": {"gpus": 8, "activeDeadlineSeconds": 86400, "podTemplate": TRAIN_TEMPLATE}}}),
 }
 DNS_1123_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 DNS_1035_LABEL = r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?"
@@ -146,7 +173,9 @@ def test_labels_and_owner_reference_on_job_and_pods(variant, stage):
             "apiVersion": "selfalign.dev/v1alpha1", "kind": "SelfAlignRun", "name": run_name,
             "uid": f"uid-{run_name}", "controller": True, "blockOwnerDeletion": True}]
         assert obj["metadata"]["namespace"] == NAMESPACE
-    assert the_job(build(variant, stage))["spec"]["template"]["metadata"]["labels"] == expected
+    added = jobs.pod_overrides(make_spec(VARIANTS[variant][1]), stage, SETTINGS).get("metadata", {})
+    assert the_job(build(variant, stage))["spec"]["template"]["metadata"]["labels"] == {
+        **added.get("labels", {}), **expected}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -206,7 +235,7 @@ def test_no_credential_values_anywhere_and_secret_only_through_env_from(variant,
     for job in (o for o in objects if o["kind"] == "Job"):
         assert not set(env_of(job)) & set(CREDENTIAL_KEYS)
         if spec.storage.secret_ref:
-            assert container(job)["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+            assert container(job)["envFrom"][-1] == {"secretRef": {"name": "s3-creds"}}  # shadowed by none
         else:
             assert "envFrom" not in container(job)
 
@@ -335,8 +364,9 @@ def test_shm_and_scratch_volumes_are_sized_from_the_spec(variant, stage):
 def test_failure_handling_and_cleanup(variant, stage):
     job = the_job(build(variant, stage))
     spec = job["spec"]
+    disrupted = "FailJob" if "completionMode" in spec else "Ignore"  # a group fails as one
     assert spec["podFailurePolicy"]["rules"] == [
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": disrupted, "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "FailJob",
          "onExitCodes": {"containerName": "stage", "operator": "In", "values": [2]}},
     ]
@@ -361,15 +391,15 @@ def test_single_node_multi_gpu_training_uses_torchrun_on_localhost():
     objects = build("eight-gpus", "train")
     assert [o["kind"] for o in objects] == ["Job"]
     job = the_job(objects)
-    assert container(job)["command"][:7] == [
-        "torchrun", "--nnodes=$(NNODES)", "--nproc-per-node=$(NPROC_PER_NODE)",
+    assert container(job)["command"][:9] == [
+        "python", "-c", jobs.TORCHRUN, "--nnodes=$(NNODES)", "--nproc-per-node=$(NPROC_PER_NODE)",
         "--node-rank=$(NODE_RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
         "-m"]
     env = env_of(job)
     expected = {"NNODES": "1", "NPROC_PER_NODE": "8", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": "29500"}
     assert {k: env[k]["value"] for k in expected} == expected
-    assert container(the_job(build("eight-gpus", "merge")))["command"][0] == "python"
+    assert container(the_job(build("eight-gpus", "merge")))["command"][:3] == ["python", "-m", "selfalign.stages"]
 
 
 @pytest.mark.parametrize("variant", ["four-nodes", "long-name"])
@@ -382,7 +412,6 @@ def test_multi_node_training_is_an_indexed_job_behind_a_headless_service(variant
     name, svc = job["metadata"]["name"], service["metadata"]["name"]
     js = job["spec"]
     assert (js["completionMode"], js["completions"], js["parallelism"]) == ("Indexed", nodes, nodes)
-    assert (js["backoffLimitPerIndex"], js["maxFailedIndexes"]) == (spec.backoff_limit, 0)
     pod = js["template"]["spec"]
     assert pod["subdomain"] == svc
     # Each pod's hostname is <job>-<index>: it must stay a valid DNS label for the last index.
@@ -394,7 +423,7 @@ def test_multi_node_training_is_an_indexed_job_behind_a_headless_service(variant
     assert env["NNODES"]["value"] == str(nodes)
     assert env["NPROC_PER_NODE"]["value"] == str(gpus)
     assert env["MASTER_PORT"]["value"] == "29500"
-    assert container(job)["command"][0] == "torchrun"
+    assert container(job)["command"][:3] == ["python", "-c", jobs.TORCHRUN]
     ss = service["spec"]
     assert ss["clusterIP"] == "None" and ss["publishNotReadyAddresses"] is True
     assert ss["ports"][0]["port"] == 29500
