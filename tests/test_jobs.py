@@ -553,3 +553,241 @@ def test_operator_default_stage_resources_apply_to_a_run_as_the_api_server_store
 def test_settings_need_an_image_for_every_stage():
     with pytest.raises(ValueError, match="no image for stage"):
         OperatorSettings(images={"train": "x"})
+
+
+# --- pod template overrides (issue 14 item 1) ----------------------------------------------------
+
+CHART_TEMPLATE = {"metadata": {"annotations": {"sidecar.istio.io/inject": "true", "cost-center": "ml"}},
+                  "spec": {"serviceAccountName": "selfalign-stages", "imagePullSecrets": [{"name": "mirror"}],
+                           "containers": [{"name": "stage", "envFrom": [{"configMapRef": {"name": "proxy"}}],
+                                           "env": [{"name": "HF_HUB_OFFLINE", "value": "chart"}]}]}}
+
+
+def chart_settings(**extra) -> OperatorSettings:
+    env = {"SELFALIGN_POD_TEMPLATE": json.dumps(CHART_TEMPLATE), **extra}
+    return OperatorSettings.from_env(env)
+
+
+def test_pod_template_layers_merge_chart_then_run_then_stage():
+    run_name, overrides = VARIANTS["placed-pods"]
+    spec = make_spec(overrides)
+    settings = chart_settings()
+    train, assess = (the_job(jobs.build_stage_objects(spec, ensure(spec, run_name, 0, stage), namespace=NAMESPACE,
+                                                      run_name=run_name, owner=owner_for(run_name), settings=settings))
+                     for stage in ("train", "assess"))
+    for job in (train, assess):
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+        meta, pod = job["spec"]["template"]["metadata"], job["spec"]["template"]["spec"]
+        # annotations: the chart's, the run's value winning where both set one
+        assert meta["annotations"] == {"sidecar.istio.io/inject": "false", "cost-center": "ml"}
+        assert pod["serviceAccountName"] == "selfalign-irsa"  # the run's over the chart's
+        assert pod["imagePullSecrets"] == [{"name": "mirror"}, {"name": "registry"}]  # merged by name
+        assert container(job)["envFrom"] == [{"configMapRef": {"name": "proxy"}}, HF_TOKEN,
+                                             {"secretRef": {"name": "s3-creds"}}]
+    assert train["spec"]["template"]["metadata"]["labels"]["team"] == "nlp-train"
+    assert assess["spec"]["template"]["metadata"]["labels"]["team"] == "nlp"
+    train_pod, assess_pod = train["spec"]["template"]["spec"], assess["spec"]["template"]["spec"]
+    # volumes merged by name: the stage's `models` replaces the run's whole
+    assert [v for v in train_pod["volumes"] if v["name"] == "models"] == [
+        {"name": "models", "persistentVolumeClaim": {"claimName": "models-fast"}}]
+    assert [v for v in assess_pod["volumes"] if v["name"] == "models"] == [MODELS_PVC]
+    # env merged by name: chart < run < stage
+    assert env_of(train)["HF_HUB_OFFLINE"]["value"] == "0" and env_of(assess)["HF_HUB_OFFLINE"]["value"] == "1"
+    assert "NCCL_DEBUG" in env_of(train) and "NCCL_DEBUG" not in env_of(assess)
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in container(train)["volumeMounts"]
+    assert (train_pod["runtimeClassName"], train_pod["schedulerName"]) == ("nvidia", "gang")
+    assert train_pod["affinity"] == TRAIN_TEMPLATE["spec"]["affinity"]
+    assert train_pod["topologySpreadConstraints"] == TRAIN_TEMPLATE["spec"]["topologySpreadConstraints"]
+    assert not {"runtimeClassName", "schedulerName", "affinity", "topologySpreadConstraints"} & set(assess_pod)
+
+
+def test_overrides_leave_the_hardening_and_the_stage_contract_as_they_were():
+    run_name, overrides = VARIANTS["placed-pods"]
+    bare = json.loads(json.dumps(overrides))
+    del bare["podTemplate"], bare["resources"]["train"]["podTemplate"]
+    for stage in STAGES:
+        placed, plain = (the_job(jobs.build_stage_objects(
+            spec, ensure(spec, run_name, 1, stage), namespace=NAMESPACE, run_name=run_name,
+            owner=owner_for(run_name), settings=SETTINGS)) for spec in (make_spec(overrides), make_spec(bare)))
+        placed_pod, plain_pod = placed["spec"]["template"]["spec"], plain["spec"]["template"]["spec"]
+        for key, value in plain_pod.items():
+            if key not in ("volumes", "containers"):
+                assert placed_pod[key] == value, key
+        assert placed_pod["volumes"][:len(plain_pod["volumes"])] == plain_pod["volumes"]
+        for key, value in container(plain).items():
+            if key in ("env", "volumeMounts", "envFrom"):  # the operator's first, then the additions
+                assert container(placed)[key][:len(value)] == value or key == "envFrom", key
+            else:
+                assert container(placed)[key] == value, key
+        assert placed["spec"] == {**plain["spec"], "template": placed["spec"]["template"]}
+        labels = placed["spec"]["template"]["metadata"]["labels"]
+        assert labels.items() >= plain["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_every_env_volume_and_mount_of_the_stage_contract_is_reserved():
+    """spec.py refuses overrides of exactly what jobs.py builds (an override could not break it)."""
+    from selfalign.operator import spec as typed
+
+    for variant, stage in ALL_CASES:
+        job = the_job(build(variant, stage))
+        added = jobs.pod_overrides(make_spec(VARIANTS[variant][1]), stage, SETTINGS).get("spec", {})
+        [extra] = added.get("containers") or [{}]
+        ours = set(env_of(job)) - {e["name"] for e in extra.get("env", [])}
+        assert ours and all(name in typed.RESERVED_ENV or name.startswith("SELFALIGN_") for name in ours)
+        user = {v["name"] for v in added.get("volumes", [])}
+        for volume in job["spec"]["template"]["spec"]["volumes"]:
+            if volume["name"] not in user:
+                assert volume["name"] in typed.RESERVED_VOLUMES or volume["name"].startswith("pvc-")
+        for mount in container(job)["volumeMounts"]:
+            if mount["name"] not in user:
+                assert typed._reserved_mount(mount["mountPath"]), mount
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ({"spec": {"volumes": [{"name": "scratch", "emptyDir": {}}]}}, "SELFALIGN_POD_TEMPLATE: spec.volumes.0.name"),
+    ({"spec": {"containers": [{"name": "stage", "command": ["sh"]}]}}, "spec.containers.0.command"),
+    ({"metadata": {"labels": {"selfalign.dev/run": "x"}}}, "metadata.labels"),
+])
+def test_the_charts_pod_template_is_held_to_the_same_rules(template, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OperatorSettings.from_env({"SELFALIGN_POD_TEMPLATE": json.dumps(template)})
+    with pytest.raises(ValueError, match="SELFALIGN_POD_TEMPLATE: invalid JSON"):
+        OperatorSettings.from_env({"SELFALIGN_POD_TEMPLATE": "{spec:"})
+
+
+def test_render_shows_the_overrides(tmp_path, capsys, monkeypatch):
+    """`selfalign render` prints the Jobs with the chart's, the run's and the stage's overrides."""
+    from selfalign.operator.cli.main import main
+
+    path = tmp_path / "run.yaml"
+    manifest = manifest_for("placed-pods")
+    manifest["spec"] |= {"model": {"base": "pvc://models/llama-3-8b"}, "seeds": "s3://bucket/seeds.jsonl",
+                         "coverage": {"reference": "s3://bucket/reference.jsonl"}}
+    path.write_text(yaml.safe_dump(manifest))
+    monkeypatch.setenv("SELFALIGN_POD_TEMPLATE", json.dumps(CHART_TEMPLATE))
+    assert main(["render", str(path), "--round", "0"]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    train = next(o for o in objects if o["kind"] == "Job" and o["metadata"]["labels"][LABEL_STAGE] == "train")
+    pod = train["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "selfalign-irsa" and pod["runtimeClassName"] == "nvidia"
+    assert train["spec"]["template"]["metadata"]["annotations"]["cost-center"] == "ml"
+    assert train["spec"]["activeDeadlineSeconds"] == 86400
+
+
+# --- deadlines (issue 14 item 2) -------------------------------------------------------------------
+
+def test_active_deadline_from_the_stage_else_the_chart_else_none():
+    assert the_job(build("placed-pods", "train"))["spec"]["activeDeadlineSeconds"] == 86400
+    assert "activeDeadlineSeconds" not in the_job(build("placed-pods", "assess"))["spec"]
+    settings = OperatorSettings.from_env({"SELFALIGN_STAGE_RESOURCES": json.dumps(
+        {"train": {"activeDeadlineSeconds": 172800}, "synthesize": {"activeDeadlineSeconds": 21600}})})
+    for variant, expected in (("placed-pods", 86400), ("cpu-default", 172800)):
+        objects = jobs.render_round(admit(manifest_for(variant)), 0, settings)
+        by_stage = {o["metadata"]["labels"][LABEL_STAGE]: o["spec"] for o in objects if o["kind"] == "Job"}
+        assert by_stage["train"]["activeDeadlineSeconds"] == expected
+        assert by_stage["synthesize"]["activeDeadlineSeconds"] == 21600
+        assert "activeDeadlineSeconds" not in by_stage["merge"]
+
+
+# --- multi-node train as one group (issue 14 item 6, the Job) ---------------------------------------
+
+@pytest.mark.parametrize("version", [MIN_K8S_VERSION, K8S_VERSION])
+def test_a_multi_node_job_succeeds_with_rank_0_and_fails_whole(version):
+    job = the_job(build("four-nodes", "train"))
+    kubernetes_validate.validate(job, version, strict=True)
+    spec = job["spec"]
+    assert spec["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    assert spec["backoffLimit"] == 0
+    assert not {"backoffLimitPerIndex", "maxFailedIndexes"} & set(spec)  # no index retried alone
+    assert [rule["action"] for rule in spec["podFailurePolicy"]["rules"]] == ["FailJob", "FailJob"]
+    single = the_job(build("eight-gpus", "train"))["spec"]
+    assert "successPolicy" not in single and single["backoffLimit"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_launcher_keeps_bad_input_apart_from_a_crash(tmp_path):
+    """torchrun alone exits 1 for a worker's 2; the Job's command must exit 2 (FailJob) for it."""
+    import subprocess
+    import sys
+
+    from tests.fixtures.s3 import free_port
+
+    command = container(the_job(build("eight-gpus", "train")))["command"]
+    launcher = command[:3]
+    assert launcher[:2] == ["python", "-c"]
+    codes = {}
+    for worker_exit in (1, 2):
+        script = tmp_path / f"exit{worker_exit}.py"
+        script.write_text(f"import sys\nsys.exit({worker_exit})\n")
+        done = subprocess.run([sys.executable, "-c", launcher[2], "--nnodes=1", "--nproc-per-node=1",
+                               "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script)],
+                              capture_output=True, text=True, timeout=300)
+        codes[worker_exit] = done.returncode
+    assert codes == {1: 1, 2: 2}
+
+
+# --- Kueue priority (issue 14 item 5, pass-through) --------------------------------------------------
+
+def test_kueue_priority_class_label_of_the_run_reaches_every_job():
+    manifest = manifest_for("kueue")
+    manifest["metadata"]["labels"] = {"kueue.x-k8s.io/priority-class": "research-high", "team": "nlp"}
+    objects = jobs.render_round(manifest, 0, SETTINGS)
+    for job in (o for o in objects if o["kind"] == "Job"):
+        labels = job["metadata"]["labels"]
+        assert labels["kueue.x-k8s.io/priority-class"] == "research-high"
+        assert "team" not in labels  # only Kueue's label passes
+    plain = jobs.render_round(manifest_for("kueue"), 0, SETTINGS)
+    assert not any("kueue.x-k8s.io/priority-class" in o["metadata"]["labels"] for o in plain)
+
+
+# --- the run's NetworkPolicy (issue 14 item 7) --------------------------------------------------------
+
+def policy(egress) -> dict:
+    settings = OperatorSettings.from_env({"SELFALIGN_NETWORK_POLICY": json.dumps({"egress": egress})})
+    return jobs.build_network_policy(namespace=NAMESPACE, run_name="multi", owner=owner_for("multi"),
+                                     settings=settings)
+
+
+DNS = {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+       "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+
+
+def test_network_policy_admits_only_the_runs_train_peers():
+    assert jobs.build_network_policy(namespace=NAMESPACE, run_name="multi", owner=owner_for("multi"),
+                                     settings=SETTINGS) is None
+    open_egress = policy(None)
+    kubernetes_validate.validate(open_egress, K8S_VERSION, strict=True)
+    assert open_egress["metadata"]["ownerReferences"] == [owner_for("multi")]
+    spec = open_egress["spec"]
+    assert spec["policyTypes"] == ["Ingress"] and "egress" not in spec
+    [rule] = spec["ingress"]
+    assert "ports" not in rule  # NCCL listens on ephemeral ports
+    [peer] = rule["from"]
+    selected = spec["podSelector"]["matchLabels"].items()
+    # it selects every pod of this run's Jobs, and admits only this run's train pods
+    objects = [o for v, r in (("four-nodes", 1), ("cpu-default", 0)) for s in STAGES for o in build(v, s, r)]
+    pods = [(o["spec"]["template"]["metadata"]["labels"], o["metadata"]["name"]) for o in objects if o["kind"] == "Job"]
+    assert {name for labels, name in pods if labels.items() >= selected} == {
+        job_name("multi", 1, s) for s in STAGES}
+    assert [name for labels, name in pods if labels.items() >= peer["podSelector"]["matchLabels"].items()] == [
+        job_name("multi", 1, "train")]
+
+
+def test_network_policy_restricts_egress_to_peers_and_the_charts_rules():
+    restricted = policy([DNS])
+    kubernetes_validate.validate(restricted, K8S_VERSION, strict=True)
+    assert restricted["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert restricted["spec"]["egress"] == [{"to": restricted["spec"]["ingress"][0]["from"]}, DNS]
+
+
+def test_render_includes_the_network_policy_when_enabled():
+    settings = OperatorSettings.from_env({"SELFALIGN_NETWORK_POLICY": '{"egress": null}'})
+    kinds = [o["kind"] for o in jobs.render_round(manifest_for("cpu-default"), 0, settings)]
+    assert kinds[:2] == ["ConfigMap", "NetworkPolicy"]
+    assert "NetworkPolicy" not in [o["kind"] for o in jobs.render_round(manifest_for("cpu-default"), 0, SETTINGS)]
+
+
+@pytest.mark.parametrize("raw", ['{"egress": {}}', '{"ingress": []}', "[]", "{egress"])
+def test_network_policy_setting_rejects_other_shapes(raw):
+    with pytest.raises(ValueError, match="SELFALIGN_NETWORK_POLICY"):
+        OperatorSettings.from_env({"SELFALIGN_NETWORK_POLICY": raw})
