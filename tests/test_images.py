@@ -157,3 +157,35 @@ def test_copied_sources_exist(path):
             *sources, _dest = args.split()
             for source in sources:
                 assert (ROOT / source).exists(), f"{path.name}: COPY {source} does not exist"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_faiss_is_built_for_the_cuda_of_its_base(path):
+    """faiss-gpu-cuNN next to a PyTorch built for another CUDA major loads two CUDA runtimes."""
+    base = stages(path)[-1][0][1].split()[0]
+    for wanted in re.findall(r"faiss-gpu-cu(\d+)", " ".join(final(path).get("RUN", []))):
+        cuda = re.search(r"-cuda(\d+)\.", base)
+        assert cuda and cuda[1] == wanted, f"{path.name}: faiss for CUDA {wanted} on {base}"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_pip_wheel_never_resolves_dependencies(path):
+    """`pip wheel` without --no-deps builds wheels of every dependency too: the newest torch among them."""
+    for keyword, args in instructions(path):
+        if keyword == "RUN" and "pip wheel" in args:
+            assert "--no-deps" in args, f"{path.name}: {args}"
+
+
+def test_no_deepspeed_op_is_built_that_training_never_loads():
+    """The ops DS_BUILD_* compile (fused/CPU Adam, LAMB) serve DeepSpeed's own optimizers and offload;
+    the train stage's config has neither, so the Trainer's torch AdamW runs and no op is loaded."""
+    from selfalign.operator.spec import parse_spec
+    from selfalign.stages.models.deepspeed_config import deepspeed_config
+    from tests.test_train import spec_dict
+
+    assert "DS_BUILD_" not in (IMAGES / "Dockerfile.train").read_text()
+    train = parse_spec(spec_dict(ROOT, "file:///tmp/runs")).train
+    for stage in (2, 3):
+        config = deepspeed_config(train, stage)
+        assert "optimizer" not in config
+        assert not any(key.startswith("offload") for key in config["zero_optimization"])
