@@ -138,6 +138,47 @@ INVALID: list[InvalidSpec] = [
     _case("priority-class-invalid", _stage_resources("train", priorityClassName="High_Priority"),
           "spec.resources.train.priorityClassName"),
     _case("image-with-space", _stage_resources("merge", image="registry/train image:1"), "spec.resources.merge.image"),
+    _case("active-deadline-zero", _stage_resources("train", activeDeadlineSeconds=0),
+          "spec.resources.train.activeDeadlineSeconds"),
+    # pod template overrides: the stage contract cannot be overridden
+    _case("pod-template-stage-volume", _stage_resources("train", podTemplate={"spec": {"volumes": [
+        {"name": "scratch", "emptyDir": {}}]}}), "spec.resources.train.podTemplate.spec.volumes[0].name"),
+    _case("pod-template-pvc-volume", {"podTemplate": {"spec": {"volumes": [
+        {"name": "pvc-0", "persistentVolumeClaim": {"claimName": "m"}}]}}}, "spec.podTemplate.spec.volumes[0].name"),
+    _case("pod-template-stage-env", {"podTemplate": {"spec": {"containers": [
+        {"name": "stage", "env": [{"name": "HF_HOME", "value": "/models"}]}]}}},
+          "spec.podTemplate.spec.containers[0].env[0].name"),
+    _case("pod-template-selfalign-env", _stage_resources("assess", podTemplate={"spec": {"containers": [
+        {"name": "stage", "env": [{"name": "SELFALIGN_RESULT_PATH", "value": "/x"}]}]}}),
+          "spec.resources.assess.podTemplate.spec.containers[0].env[0].name"),
+    _case("pod-template-stage-mount", {"podTemplate": {"spec": {"containers": [
+        {"name": "stage", "volumeMounts": [{"name": "models", "mountPath": "/scratch/models"}]}]}}},
+          "spec.podTemplate.spec.containers[0].volumeMounts[0].mountPath"),
+    _case("pod-template-command", {"podTemplate": {"spec": {"containers": [{"name": "stage", "command": ["sh"]}]}}},
+          "spec.podTemplate.spec.containers[0].command"),
+    _case("pod-template-image", _stage_resources("train", podTemplate={"spec": {"containers": [
+        {"name": "stage", "image": "other:1"}]}}), "spec.resources.train.podTemplate.spec.containers[0].image"),
+    _case("pod-template-second-container", {"podTemplate": {"spec": {"containers": [{"name": "sidecar"}]}}},
+          "spec.podTemplate.spec.containers[0].name"),
+    _case("pod-template-security-context", {"podTemplate": {"spec": {"securityContext": {"runAsUser": 0}}}},
+          "spec.podTemplate.spec.securityContext"),
+    _case("pod-template-selector-label", {"podTemplate": {"metadata": {"labels": {"selfalign.dev/run": "other"}}}},
+          "spec.podTemplate.metadata.labels"),
+    _case("pod-template-env-value-and-source", {"podTemplate": {"spec": {"containers": [{"name": "stage", "env": [
+        {"name": "HF_TOKEN", "value": "x", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]}]}}},
+          "spec.podTemplate.spec.containers[0].env[0]"),
+    _case("pod-template-env-from-both", {"podTemplate": {"spec": {"containers": [{"name": "stage", "envFrom": [
+        {"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}]}]}}},
+          "spec.podTemplate.spec.containers[0].envFrom[0]"),
+    _case("pod-template-affinity-misspelt", {"podTemplate": {"spec": {"affinity": {"nodeAfinity": {}}}}},
+          "spec.podTemplate.spec.affinity.nodeAfinity"),
+    _case("pod-template-spread-skew-zero", {"podTemplate": {"spec": {"topologySpreadConstraints": [
+        {"maxSkew": 0, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule"}]}}},
+          "spec.podTemplate.spec.topologySpreadConstraints[0].maxSkew"),
+    # the API server cannot see inside a volume (its source is kept as written): the typed spec can
+    _case("pod-template-volume-two-sources", {"podTemplate": {"spec": {"volumes": [
+        {"name": "models", "emptyDir": {}, "persistentVolumeClaim": {"claimName": "m"}}]}}},
+          "spec.podTemplate.spec.volumes[0]", schema_rejects=False),
     # evaluate
     _case("evaluate-without-data", {"evaluate": {"stopWhenWorse": True}}, "spec.evaluate.data"),
     _case("evaluate-data-not-a-uri", {"evaluate": {"data": "heldout.jsonl"}}, "spec.evaluate.data"),
@@ -159,6 +200,24 @@ INVALID: list[InvalidSpec] = [
 
 VALID: dict[str, dict[str, Any]] = {
     "isheep-minimal": valid_base(),
+    "pod-templates": variant({
+        "model": {"base": "pvc://models/llama-3-8b"},
+        "podTemplate": {
+            "metadata": {"labels": {"team": "nlp"}, "annotations": {"sidecar.istio.io/inject": "false"}},
+            "spec": {"serviceAccountName": "selfalign-irsa", "imagePullSecrets": [{"name": "registry"}],
+                     "volumes": [{"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}}],
+                     "containers": [{"name": "stage", "envFrom": [{"secretRef": {"name": "hf-token"}}],
+                                     "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+                                         "name": "hf", "key": "token", "optional": True}}},
+                                             {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                                     "volumeMounts": [{"name": "hf-cache", "mountPath": "/cache", "readOnly": True}]}]}},
+        "resources": {"train": {"gpus": 8, "activeDeadlineSeconds": 86400, "podTemplate": {"spec": {
+            "runtimeClassName": "nvidia", "schedulerName": "volcano",
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                           "whenUnsatisfiable": "DoNotSchedule", "matchLabelKeys": ["job-name"],
+                                           "labelSelector": {"matchLabels": {"app": "x"}}, "minDomains": 1}]}}}},
+    }),
     "self-instruct-minimal": variant({"recipe": "self-instruct"}),
     "aitp-minimal": variant({"recipe": "aitp", "rounds": 3}),
     "file-storage": variant({"storage": {"uri": "file:///var/selfalign/runs"}}),
