@@ -156,6 +156,21 @@ def _schema_errors(doc: Any) -> list[str]:
     return list(dict.fromkeys(errors))
 
 
+def list_map_errors(value: Any, node: dict[str, Any], where: list[Any]) -> list[str]:
+    """Items of a `x-kubernetes-list-type: map` that repeat their keys, which the API server
+    refuses (Duplicate value) and JSON Schema cannot express."""
+    errors = []
+    if isinstance(value, list) and node.get("x-kubernetes-list-type") == "map":
+        keys = node["x-kubernetes-list-map-keys"]
+        seen = [tuple(item.get(key) for key in keys) for item in value if isinstance(item, dict)]
+        for repeated in sorted({entry for entry in seen if seen.count(entry) > 1}, key=str):
+            errors.append(f"{_path(where)}: Duplicate value: "
+                          + ", ".join(f"{key}={part}" for key, part in zip(keys, repeated)))
+    for key, child, schema in _children(value, node):
+        errors += list_map_errors(child, schema, where + [key])
+    return errors
+
+
 @functools.cache
 def _program(rule: str) -> celpy.Runner:
     env = celpy.Environment()
@@ -256,7 +271,7 @@ def validate_manifest(doc: dict[str, Any]) -> list[str]:
     errors += _metadata_errors(doc.get("metadata"))
     schema = root_schema()
     stored = admitted(doc, schema)
-    schema_errors = _schema_errors(stored)
+    schema_errors = _schema_errors(stored) + list_map_errors(stored, schema, [])
     errors += schema_errors + _cel_errors(stored, schema, [], report_failures=not schema_errors)
     if isinstance(stored.get("spec"), dict):
         try:

@@ -175,6 +175,16 @@ INVALID: list[InvalidSpec] = [
     _case("pod-template-spread-skew-zero", {"podTemplate": {"spec": {"topologySpreadConstraints": [
         {"maxSkew": 0, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule"}]}}},
           "spec.podTemplate.spec.topologySpreadConstraints[0].maxSkew"),
+    _case("pod-template-volume-repeated", {"podTemplate": {"spec": {"volumes": [
+        {"name": "models", "emptyDir": {}}, {"name": "models", "persistentVolumeClaim": {"claimName": "m"}}]}}},
+          "spec.podTemplate.spec.volumes"),
+    _case("pod-template-env-repeated", _stage_resources("merge", podTemplate={"spec": {"containers": [{
+        "name": "stage", "env": [{"name": "HF_TOKEN", "value": "a"}, {"name": "HF_TOKEN", "value": "b"}]}]}}),
+          "spec.resources.merge.podTemplate.spec.containers[0].env"),
+    _case("pod-template-spread-repeated", {"podTemplate": {"spec": {"topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"},
+        {"maxSkew": 2, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]}}},
+          "spec.podTemplate.spec.topologySpreadConstraints"),
     # the API server cannot see inside a volume (its source is kept as written): the typed spec can
     _case("pod-template-volume-two-sources", {"podTemplate": {"spec": {"volumes": [
         {"name": "models", "emptyDir": {}, "persistentVolumeClaim": {"claimName": "m"}}]}}},

@@ -40,7 +40,7 @@ def manifest(spec: dict[str, Any], name: str = "run-a") -> dict[str, Any]:
 def crd_rejections(spec: dict[str, Any]) -> list[str]:
     """What the API server alone refuses: schema plus CEL, after pruning and defaulting."""
     stored = v.admitted(manifest(spec), ROOT)
-    schema_errors = v._schema_errors(stored)
+    schema_errors = v._schema_errors(stored) + v.list_map_errors(stored, ROOT, [])
     return schema_errors + v._cel_errors(stored, ROOT, [], report_failures=not schema_errors)
 
 
