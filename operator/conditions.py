@@ -25,6 +25,12 @@ INVALID_SPEC = "InvalidSpec"
 STATUS_REJECTED = "StatusRejected"  # the API refused the status a pass computed; failed until the spec changes
 SUSPENDED_BY_USER = "SuspendedByUser"
 NOT_SUSPENDED = "NotSuspended"
+# Why the current stage waits: the Progressing reason and `status.waiting`. QUEUED: its Job is
+# suspended until Kueue admits it; the scheduler's and kubelet's own reasons otherwise
+# (observe.WAITING_REASONS, Unschedulable, and ContainerCreating past planner.MOUNT_WAIT).
+QUEUED = "Queued"
+UNSCHEDULABLE = "Unschedulable"
+CONTAINER_CREATING = "ContainerCreating"
 
 
 def set_condition(

@@ -6,7 +6,8 @@ is), `plan`, write the status once (only if it changed, through the status subre
 child exists), create what the plan needs (409 = done when the existing child is the run's own, by
 uid), then post the plan's Events. The API sees writes, and reads only to learn whose a 409's
 object is (or the run, where resourceVersions are not integers). The triggers are the run's own watch (whose initial listing also resumes every run after a restart) and its
-children's watches, filtered by label on the server; a Pod matters only when it ends. A renewed
+children's watches, filtered by label on the server; every Pod event counts (its end carries the
+stage's result, its scheduling and container states say why a stage waits). A renewed
 watch resumes from its last resourceVersion and delivers nothing again, so the reconciler also
 retries a failed pass itself and resyncs every unfinished run every 5 minutes: the safety net,
 not the trigger.
@@ -31,7 +32,6 @@ import kubernetes
 from . import metrics
 from .kube import Kube
 from .naming import GROUP, KIND, LABEL_JOB, LABEL_RUN, PLURAL, VERSION
-from .observe import pod_phase
 from .reconciler import Cache, Reconciler
 from .settings import OperatorSettings
 
@@ -87,7 +87,8 @@ async def runs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
 @kopf.index("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
 async def run_jobs(namespace: str, body: kopf.Body, **_: Any) -> dict:
     run = owning_run(body)
-    return {(namespace, run): _facts(body)} if run else {}
+    return {(namespace, run): {**_facts(body), "spec": {"suspend": bool(body.get("spec", {}).get("suspend"))}}} \
+        if run else {}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
@@ -122,13 +123,7 @@ def job_changed(namespace: str, body: kopf.Body, memo: kopf.Memo, runs: kopf.Ind
         memo.reconciler.request(namespace, run, Cache(runs, run_jobs, job_pods), logger)
 
 
-def pod_ended(type: str | None, body: kopf.Body, **_: Any) -> bool:
-    """Only a Pod's end or removal can change a plan: a finished Job's result is its Pod's
-    termination message, and nothing else of a Pod is read."""
-    return type == "DELETED" or pod_phase(body) in ("Succeeded", "Failed")
-
-
-@kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT, LABEL_JOB: kopf.PRESENT}, when=pod_ended)
+@kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT, LABEL_JOB: kopf.PRESENT})
 def pod_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
                 job_runs: kopf.Index, job_pods: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
     for run in list(job_runs.get((namespace, labels[LABEL_JOB]), ())):

@@ -17,6 +17,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from .naming import GROUP, KIND, PLURAL, VERSION
+from .observe import SUSPENDED_BY, SUSPENDED_BY_RUN
 from .planner import Event
 
 COMPONENT = "selfalign-operator"
@@ -95,6 +96,19 @@ class Kube:
             raise
         refs = (json.loads(response.data).get("metadata") or {}).get("ownerReferences") or ()
         return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
+
+    def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
+        """Suspend a stage Job (the Job controller deletes its Pods at once) or resume it, marking
+        it as suspended by the run (observe.SUSPENDED_BY), so that only what the run suspended is
+        resumed and a Job that Kueue holds is left to Kueue. A Job already gone needs nothing."""
+        body = {"metadata": {"annotations": {SUSPENDED_BY: SUSPENDED_BY_RUN if suspend else None}},
+                "spec": {"suspend": suspend}}
+        try:
+            self.batch.patch_namespaced_job(name, namespace, body, _preload_content=False,
+                                            _request_timeout=self.timeout).data
+        except ApiException as exc:
+            if exc.status != NOT_FOUND:
+                raise
 
     def update_config_map(self, config_map: Mapping[str, Any]) -> None:
         """Bring the ConfigMap's data to the current spec; create it if it is gone."""

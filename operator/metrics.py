@@ -32,9 +32,15 @@ TRANSITIONS = Counter(
 )
 STAGE_DURATION = Histogram(
     "selfalign_stage_duration_seconds",
-    "Wall time of a finished stage Job (start to completion)",
+    "Running time of a finished stage Job: admitted and not suspended (its queue time is apart)",
     ["stage"],
     buckets=STAGE_BUCKETS,
+)
+STAGE_QUEUED = Histogram(
+    "selfalign_stage_queued_seconds",
+    "Time a finished stage Job waited for admission (Kueue), every spell summed",
+    ["stage"],
+    buckets=(0, *STAGE_BUCKETS),
 )
 RECONCILE_ERRORS = Counter(
     "selfalign_reconcile_errors", "Reconcile passes that raised (each is tried again, with backoff)"
@@ -57,6 +63,12 @@ def observe_stage_duration(stage: str, seconds: float) -> None:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     STAGE_DURATION.labels(stage=stage).observe(_non_negative(seconds))
+
+
+def observe_stage_queued(stage: str, seconds: float) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    STAGE_QUEUED.labels(stage=stage).observe(_non_negative(seconds))
 
 
 def record_reconcile_error() -> None:
@@ -83,12 +95,16 @@ def record_status_change(old: Mapping[str, Any] | None, new: Mapping[str, Any]) 
         record_transition(old.get("phase"), new["phase"])
     before = _stage_records(old)
     for key, record in _stage_records(new).items():
-        timed = "startTime" in record and "completionTime" in record
         newly_finished = record.get("phase") in (SUCCEEDED, FAILED) and \
             before.get(key, {}).get("phase") != record["phase"]
-        if timed and newly_finished:
+        if not newly_finished:
+            continue
+        if "runningSeconds" in record:  # the planner's sum of the spells the Job ran
+            observe_stage_duration(key[1], record["runningSeconds"])
+        elif "startTime" in record and "completionTime" in record:
             seconds = _parse(record["completionTime"]) - _parse(record["startTime"])
             observe_stage_duration(key[1], seconds.total_seconds())
+        observe_stage_queued(key[1], record.get("queuedSeconds", 0))
 
 
 def observe_job_created(status: Mapping[str, Any], created_at: datetime) -> None:

@@ -1,7 +1,9 @@
 """What a stage Job shows, as the planner's `JobObservation`: pure, so table tests pin it down.
 
-The Job's conditions decide its phase (Complete/SuccessCriteriaMet, Failed/FailureTarget), its
-`status.failed` the attempts. The stage's result is the termination message of its Pod: the
+The Job's conditions decide its phase (Complete/SuccessCriteriaMet, Failed/FailureTarget; a
+suspended Job is Queued, or Suspended when the run suspended it), its `status.failed` the attempts,
+its unfinished Pods why it waits (unschedulable, image pull, a mount), its failed Pods' exit codes
+whether a multi-node train may be restarted whole. The stage's result is the termination message of its Pod: the
 JSON summary on success, `{"error": ...}` on failure, or, with `FallbackToLogsOnError`, the tail
 of the log, whose last line is the cause. A finished Job whose deciding Pod is visible but not yet
 terminated reads as Active: the Pod's own watch event follows and brings the message, and a result
@@ -19,6 +21,13 @@ from .spec import STAGES
 SUCCESS_CONDITIONS = ("Complete", "SuccessCriteriaMet")
 FAILURE_CONDITIONS = ("Failed", "FailureTarget")
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+# The annotation the operator puts on a Job it suspends for `spec.suspend` (kube.suspend_job): a
+# suspended Job without it waits for admission (Kueue suspends the Jobs of its queues until then),
+# and only a Job with it is resumed by the operator.
+SUSPENDED_BY, SUSPENDED_BY_RUN = "selfalign.dev/suspended-by", "run"
+# Container waiting reasons that mean the stage cannot start until someone acts (the kubelet's).
+WAITING_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
+                   "CreateContainerError")
 _UNSETTLED = object()  # a finished Job whose Pods have not all reported their end yet
 _RUNNING_PHASES = ("Pending", "Running", None)
 
@@ -54,7 +63,8 @@ def observe_job(job: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> JobObs
     status = job.get("status") or {}
     true = {c["type"]: c for c in status.get("conditions") or () if c.get("status") == "True"}
     common = dict(name=meta["name"], round=round_, stage=stage,
-                  failures=int(status.get("failed") or 0), start_time=status.get("startTime"))
+                  failures=int(status.get("failed") or 0), start_time=status.get("startTime"),
+                  exit_codes=exit_codes(pods))
 
     if any(t in true for t in SUCCESS_CONDITIONS):
         pod = _deciding_pod(pods, "Succeeded")
@@ -73,9 +83,54 @@ def observe_job(job: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> JobObs
         cause = _cause(message) or _condition_cause(condition)
         result = _summary(message)
         return JobObservation(phase="Failed", message=cause, result=result if result else None,
+                              reason=condition.get("reason"),
                               completion_time=_condition_time(true, FAILURE_CONDITIONS), **common)
 
-    return JobObservation(phase="Active", **common)
+    if (job.get("spec") or {}).get("suspend"):  # its condition follows once the Job controller has acted
+        suspended_at = (true.get("Suspended") or {}).get("lastTransitionTime")
+        if (meta.get("annotations") or {}).get(SUSPENDED_BY) == SUSPENDED_BY_RUN:
+            return JobObservation(phase="Suspended", suspended_at=suspended_at, **common)
+        return JobObservation(phase="Queued", suspended_at=suspended_at,
+                              message=f"Job {meta['name']} is suspended until admitted (Kueue)", **common)
+    waiting = pod_waiting(pods)
+    return JobObservation(phase="Active", waiting=waiting[:2] if waiting else None,
+                          waiting_since=waiting[2] if waiting else None, **common)
+
+
+def pod_waiting(pods: Iterable[Mapping[str, Any]]) -> tuple[str, str, str | None] | None:
+    """(reason, message, since) of the first Pod that cannot run yet, from what the scheduler and
+    the kubelet write into its status: PodScheduled False (Unschedulable, with the scheduler's
+    message), a container waiting to pull its image or for its config, or still being created
+    (volumes mounting; `since` is when it was scheduled, so the planner can tell a slow mount)."""
+    for pod in pods:
+        if pod_phase(pod) not in _RUNNING_PHASES:
+            continue
+        name, status = pod["metadata"].get("name"), pod.get("status") or {}
+        conditions = {c.get("type"): c for c in status.get("conditions") or ()}
+        scheduled = conditions.get("PodScheduled") or {}
+        if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+            return "Unschedulable", f"pod {name}: {scheduled.get('message') or 'no node fits it'}", None
+        for container in status.get("containerStatuses") or ():
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in WAITING_REASONS:
+                return reason, f"pod {name}: {waiting.get('message') or reason}", None
+            if reason == "ContainerCreating":
+                return (reason, f"pod {name}: its containers are still being created (a volume not mounted yet? "
+                                f"kubectl describe pod {name} shows FailedMount events)",
+                        scheduled.get("lastTransitionTime"))
+    return None
+
+
+def exit_codes(pods: Iterable[Mapping[str, Any]]) -> tuple[int, ...]:
+    """The distinct non-zero exit codes of the Pods' terminated containers."""
+    codes = set()
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or ():
+            code = ((container.get("state") or {}).get("terminated") or {}).get("exitCode")
+            if isinstance(code, int) and code != 0:
+                codes.add(code)
+    return tuple(sorted(codes))
 
 
 def controller_uid(obj: Mapping[str, Any]) -> str | None:

@@ -31,7 +31,7 @@ from . import metrics
 from .jobs import build_config_map, build_stage_objects, owner_reference
 from .kube import INVALID, Kube, compare_resource_versions
 from .naming import config_map_name
-from .observe import controller_uid, observe_foreign, observe_jobs
+from .observe import SUSPENDED_BY, SUSPENDED_BY_RUN, controller_uid, observe_foreign, observe_jobs
 from .planner import FINAL_STAGE_PHASES, EnsureJob, Event, JobObservation, plan, status_rejected
 from .settings import OperatorSettings
 from .spec import RunSpec, SpecError, parse_spec
@@ -197,17 +197,22 @@ class Reconciler:
                 self._written[(namespace, name)] = stored
             metrics.record_status_change(run.get("status"), result.status)
             run = stored
-        # 6. Make sure the Jobs the plan needs exist; a new refusal goes into status on another pass.
+        # 6. Make sure the Jobs the plan needs exist, suspended or not as it says; a new refusal goes
+        # into status on another pass.
+        seen = {j["metadata"]["name"]: j for j in jobs}
         for job in result.jobs:
-            created = self._ensure(run, spec, job, seen={j["metadata"]["name"] for j in jobs}, foreign=set(foreign),
-                                   now=now, logger=logger)
+            created = self._ensure(run, spec, job, seen=set(seen), foreign=set(foreign), now=now, logger=logger)
             if created is None:
                 with self._guard:
                     self._again[(namespace, name)] = True
             elif created:
                 metrics.observe_job_created(result.status, datetime.now(UTC))
+            elif job.name in seen and job.suspend is not None and suspended(seen[job.name]) != job.suspend:
+                self.kube.suspend_job(namespace, job.name, job.suspend)
         if self._refusals(namespace, name):
             self._later(namespace, name, REFUSAL_BACKOFF, cache, logger)
+        if result.recheck is not None:
+            self._later(namespace, name, result.recheck, cache, logger)
         # 7. Tell the user what changed.
         for event in result.events:
             self._post(run, event, now, logger)
@@ -387,6 +392,12 @@ class Reconciler:
             refused.pop(key[1], None)
             if not refused:
                 self._refused.pop((key[0], run), None)
+
+
+def suspended(job: Mapping[str, Any]) -> bool:
+    """Whether the run has suspended this Job: spec.suspend set and marked as the run's doing."""
+    annotations = job["metadata"].get("annotations") or {}
+    return bool((job.get("spec") or {}).get("suspend")) and annotations.get(SUSPENDED_BY) == SUSPENDED_BY_RUN
 
 
 def _api_message(exc: ApiException) -> str:

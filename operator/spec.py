@@ -517,8 +517,10 @@ class RunSpec(_Model):
     pod_template: PodTemplate | None = Field(None, description="Pod overrides of every stage, over the chart's")
     queue_name: str | None = Field(None, max_length=63, pattern=DNS_SUBDOMAIN,
                                    description="Kueue LocalQueue the stage Jobs are submitted to")
-    suspend: bool = Field(False, description="Start nothing new; a running stage finishes")
+    suspend: bool = Field(False, description="Stop now: the running stage's Job is suspended (its pods released); false resumes it")
     backoff_limit: int = Field(2, ge=0, le=20, description="Pod retries per stage Job")
+    retry: int = Field(0, ge=0, le=1000,
+                       description="Raise it to run a failed stage again with a new Job; may only grow")
 
     @model_validator(mode="before")
     @classmethod

@@ -135,14 +135,19 @@ async def test_suspend_and_resume_change_only_the_spec_field_the_operator_watche
     assert (await selfalign(capsys, "resume", "r", *flags))[0] == 0 and spec() == {**before, "suspend": False}
 
 
-async def test_retry_says_so_when_the_crd_has_no_spec_retry(emulator, kubeconfig, capsys):
-    """spec.retry is not in the CRD yet: the API server prunes it, and the CLI says so."""
+async def test_retry_raises_spec_retry_of_a_failed_run_only(emulator, kubeconfig, capsys):
+    """The CRD has spec.retry (it may only grow): the CLI raises it by one, as a GitOps commit would."""
     before = (await create(emulator, "r", planned_status("r", valid_base(), fail="train")))["spec"]
-    code, out, err = await selfalign(capsys, "retry", "r", "--kubeconfig", str(kubeconfig))
+    flags = ("-n", NS, "--kubeconfig", str(kubeconfig))
+    code, out, err = await selfalign(capsys, "retry", "r", *flags)
+    assert (code, err) == (0, "")
+    assert out == f"r (namespace {NS}): spec.retry is now 1: the failed stage runs again with a new Job\n"
+    assert emulator.get_object("selfalign.dev/v1alpha1/selfalignruns", NS, "r")["spec"] == {**before, "retry": 1}
+
+    await create(emulator, "ok", planned_status("ok", valid_base()))
+    code, out, err = await selfalign(capsys, "retry", "ok", *flags)
     assert (code, out) == (2, "")
-    assert err == ("selfalign retry: r: the cluster's SelfAlignRun CRD has no spec.retry: the API server "
-                   "dropped it (an operator version that has it is needed)\n")
-    assert emulator.get_object("selfalign.dev/v1alpha1/selfalignruns", NS, "r")["spec"] == before
+    assert err == "selfalign retry: ok: the run is Succeeded, not Failed: nothing to retry\n"
 
 
 async def test_logs_prints_the_stage_pods_log(emulator, kubeconfig, capsys):

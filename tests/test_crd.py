@@ -87,8 +87,9 @@ def test_crd_names_scope_and_version():
 def test_printer_columns():
     columns = CRD["spec"]["versions"][0]["additionalPrinterColumns"]
     default = [(c["name"], c["type"], c["jsonPath"]) for c in columns if not c.get("priority")]
-    assert default == [("Phase", "string", ".status.phase"), ("Round", "integer", ".status.round"),
-                       ("Stage", "string", ".status.stage"), ("Kept", "integer", ".status.kept"),
+    assert default == [("Phase", "string", ".status.phase"), ("Round", "string", ".status.roundOf"),
+                       ("Stage", "string", ".status.stage"), ("Waiting", "string", ".status.waiting"),
+                       ("Kept", "integer", ".status.kept"),
                        ("Coverage", "number", ".status.coverage"), ("Age", "date", ".metadata.creationTimestamp")]
 
 

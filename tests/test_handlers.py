@@ -14,7 +14,7 @@ import kubernetes
 import pytest
 import urllib3
 
-from selfalign.operator.handlers import NoDiffBase, configure, pod_ended
+from selfalign.operator.handlers import NoDiffBase, configure
 from selfalign.operator.kube import Kube, compare_resource_versions
 from selfalign.operator.planner import Event
 from kubernetes.client.exceptions import ApiException
@@ -75,26 +75,6 @@ def test_a_deleted_run_is_forgotten():
     reconciler._config_maps[("ns", "r-spec")] = {"spec.json": "{}"}
     assert reconciler._load("ns", "r", {}) is None
     assert reconciler._written == {} and reconciler._config_maps == {}
-
-
-def pod(phase: str | None = None, terminated: int | None = None) -> dict:
-    status: dict = {"phase": phase} if phase else {}
-    if terminated is not None:
-        status["containerStatuses"] = [{"name": "stage", "state": {"terminated": {"exitCode": terminated}}}]
-    return {"metadata": {"name": "p"}, "status": status}
-
-
-@pytest.mark.parametrize("event, body, ended", [
-    ("ADDED", pod("Pending"), False),
-    ("MODIFIED", pod("Running"), False),
-    ("MODIFIED", pod("Running", terminated=0), True),  # container ended before the Pod phase moved
-    ("MODIFIED", pod("Succeeded"), True),
-    ("MODIFIED", pod("Failed"), True),
-    (None, pod("Succeeded"), True),  # the initial listing after a restart
-    ("DELETED", pod("Running"), True),  # gone before it was seen ending: the Job's result is read without it
-])
-def test_only_a_pods_end_or_removal_reconciles(event, body, ended):
-    assert pod_ended(type=event, body=kopf.Body(body)) == ended
 
 
 NO_INDICES = {"runs": {}, "run_jobs": {}, "job_pods": {}}

@@ -103,7 +103,7 @@ def test_stage_failure_fails_the_run_naming_round_stage_and_message():
     result = step(make_spec(), first.status, {job.name: failed})
     assert result.jobs == () and result.status["phase"] == "Failed"
     message = result.status["message"]
-    assert "round 0" in message and "synthesize" in message and "seeds.jsonl:4" in message
+    assert "round 1/2 stage synthesize" in message and "synthesize" in message and "seeds.jsonl:4" in message
     assert "3 attempt" in message
     assert cond(result.status, c.FAILED)["reason"] == c.STAGE_FAILED
     assert {e.reason for e in result.events} == {"StageFailed", "RunFailed"}
@@ -140,17 +140,43 @@ def test_a_refused_job_keeps_its_stage_pending_and_the_run_says_why_until_the_jo
     assert "quota" not in running.status["message"]
 
 
-def test_suspend_starts_nothing_new_but_lets_the_running_stage_finish():
+def test_suspend_suspends_the_running_job_and_resume_continues_the_same_one():
     first = step(make_spec(), None)
     job = first.jobs[0]
-    running = {job.name: JobObservation(job.name, 0, "synthesize", "Active")}
-    suspended = step(make_spec(suspend=True), first.status, running)
-    assert suspended.status["phase"] == "Suspended"
-    assert suspended.jobs == (job,)  # the running Job must keep existing
-    finished = {job.name: done(job)}
-    waiting = step(make_spec(suspend=True), suspended.status, finished)
+    running = {job.name: JobObservation(job.name, 0, "synthesize", "Active", start_time="2026-11-21T12:00:00Z")}
+    started = step(make_spec(), first.status, running)
+    suspending = step(make_spec(suspend=True), started.status, running, T0 + timedelta(seconds=60))
+    assert suspending.status["phase"] == "Suspended" and "being suspended" in suspending.status["message"]
+    assert suspending.jobs == (EnsureJob(0, "synthesize", job.name, job.run_uri, job.model, suspend=True),)
+
+    held = {job.name: JobObservation(job.name, 0, "synthesize", "Suspended", suspended_at="2026-11-21T12:01:00Z")}
+    suspended = step(make_spec(suspend=True), suspending.status, held, T0 + timedelta(seconds=90))
+    record = suspended.status["rounds"][0]["stages"]["synthesize"]
+    assert record["phase"] == "Suspended" and record["runningSeconds"] == 60
+    assert suspended.status["message"] == (f"suspended: round 1/2 stage synthesize: its Job {job.name} is "
+                                           "suspended, its pods released; resuming continues it")
+    assert [e.reason for e in suspended.events] == ["StageSuspended"]
+
+    resumed = step(make_spec(), suspended.status, held, T0 + timedelta(seconds=300))
+    assert resumed.jobs[0].name == job.name and resumed.jobs[0].suspend is False  # the same Job, unsuspended
+    assert resumed.status["phase"] == "Running" and cond(resumed.status, c.SUSPENDED)["status"] == "False"
+    again = {job.name: JobObservation(job.name, 0, "synthesize", "Active", start_time="2026-11-21T12:05:00Z")}
+    running_again = step(make_spec(), resumed.status, again, T0 + timedelta(seconds=301))
+    assert running_again.jobs[0].suspend is None
+    finished = {job.name: JobObservation(job.name, 0, "synthesize", "Succeeded", result={},
+                                         start_time="2026-11-21T12:05:00Z", completion_time="2026-11-21T12:06:40Z")}
+    done_ = step(make_spec(), running_again.status, finished, T0 + timedelta(seconds=400))
+    record = done_.status["rounds"][0]["stages"]["synthesize"]
+    assert record["runningSeconds"] == 60 + 100 and "queuedSeconds" not in record  # the suspended 4 min are neither
+
+
+def test_suspend_starts_nothing_new_after_the_running_stage():
+    first = step(make_spec(), None)
+    job = first.jobs[0]
+    finished = {job.name: done(job)}  # it finished before the suspension reached it
+    waiting = step(make_spec(suspend=True), first.status, finished)
     assert waiting.jobs == () and waiting.status["phase"] == "Suspended"
-    assert waiting.status["stage"] == "assess"
+    assert waiting.status["stage"] == "assess" and waiting.status["message"] == "suspended before round 1/2 stage assess"
     resumed = step(make_spec(), waiting.status, finished)
     assert [j.stage for j in resumed.jobs] == ["assess"] and resumed.status["phase"] == "Running"
     assert cond(resumed.status, c.SUSPENDED)["status"] == "False"
@@ -241,7 +267,7 @@ def test_stop_when_worse_ends_the_run_converged_after_the_first_worse_round(stop
     if reason == c.CONVERGED:
         before, after = losses[rounds_run - 1]
         best = ["s3://models/base", *(f"s3://bucket/runs/team-a/camp/models/round-{k}" for k in (1, 2))][rounds_run - 1]
-        assert status["message"] == (f"converged: round {rounds_run - 1} raised the held-out loss from {before:.4g} "
+        assert status["message"] == (f"converged: round {rounds_run} raised the held-out loss from {before:.4g} "
                                      f"to {after:.4g}; the best model is {best}")
 
 

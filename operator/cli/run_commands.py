@@ -97,8 +97,11 @@ def retry(args: argparse.Namespace) -> int:
     from . import cluster_view
 
     obj = cluster_view.get_run(_cluster(args), args.run)
+    phase = (obj.get("status") or {}).get("phase")
+    if phase != "Failed":  # a retry only re-runs a stage that failed under a smaller spec.retry
+        raise UserError(f"{args.run}: the run is {phase or 'not started'}, not Failed: nothing to retry")
     count = int((obj.get("spec") or {}).get("retry") or 0) + 1
-    return _patch(args, {"retry": count}, f"spec.retry is now {count}: the failed stage runs again")
+    return _patch(args, {"retry": count}, f"spec.retry is now {count}: the failed stage runs again with a new Job")
 
 
 # --- reading runs, locally or from a cluster --------------------------------------------------
