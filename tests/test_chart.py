@@ -32,6 +32,9 @@ RENDERINGS = {
         "--set", "replicaCount=2", "--set", "watchNamespaces={team-a,team-b}",
         "--set", "networkPolicy.enabled=true", "--set", "metrics.serviceMonitor.enabled=true",
         "--set", "image.digest=sha256:" + "ab" * 32,
+        "--set", "stages.networkPolicy.enabled=true", "--set", "stages.networkPolicy.restrictEgress=true",
+        "--set-json", 'stages.podTemplate={"metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},'
+                      ' "spec": {"imagePullSecrets": [{"name": "mirror"}]}}',
     ],
     "clusterwide-ha": ["--set", "replicaCount=2", "--set", "crds.keep=false"],
 }
@@ -95,6 +98,9 @@ def test_helm_lint_is_clean(name):
         ("securityContext.allowPrivilegeEscalation=true", "/securityContext/allowPrivilegeEscalation"),
         ("podSecurityContext.runAsNonRoot=false", "/podSecurityContext/runAsNonRoot"),
         ("metrics.port=70000", "/metrics/port"),
+        ("stages.train.resources.activeDeadlineSeconds=0", "/stages/train/resources/activeDeadlineSeconds"),
+        ("stages.podTemplate.spec.runtimeClassName=Bad_Name", "/stages/podTemplate/spec/runtimeClassName"),
+        ("stages.podTemplate.spec.securityContext.runAsUser=0", "/stages/podTemplate/spec"),
         ("replicas=2", "replicas"),  # a misspelt key is an error, not silently ignored
     ],
 )
@@ -236,6 +242,36 @@ def test_stage_images_resources_and_ttl_reach_the_operator():
     override = run(tool("helm"), "template", RELEASE, str(CHART), "--set",
                    "stages.train.image=registry.local/train@sha256:" + "cd" * 32).stdout
     assert "registry.local/train@sha256:" + "cd" * 32 in override
+
+
+def test_the_charts_pod_template_schema_is_the_crds():
+    """values.schema.json checks stages.podTemplate as the API server checks spec.podTemplate
+    (the rules on the stage contract's names are the operator's: it refuses them at start)."""
+    from selfalign.operator import validate
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["stages"]["properties"]
+    crd = validate.to_json_schema(validate.root_schema()["properties"]["spec"]["properties"]["podTemplate"])
+    assert {**schema["podTemplate"], "description": crd["description"]} == crd
+
+
+def test_pod_template_network_policy_and_deadlines_reach_the_operator():
+    from selfalign.operator.settings import OperatorSettings
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["stages"]
+    default = {e["name"]: e.get("value") for e in container(render("default"))["env"]}
+    assert "SELFALIGN_POD_TEMPLATE" not in default and "SELFALIGN_NETWORK_POLICY" not in default
+    deadlines = {stage: spec["activeDeadlineSeconds"]
+                 for stage, spec in json.loads(default["SELFALIGN_STAGE_RESOURCES"]).items()}
+    assert deadlines == {stage: values[stage]["resources"]["activeDeadlineSeconds"] for stage in deadlines}
+    env = {e["name"]: e.get("value") for e in container(render("namespaced-ha"))["env"]}
+    settings = OperatorSettings.from_env(env)
+    assert settings.pod_template.metadata.annotations == {"sidecar.istio.io/inject": "false"}
+    assert [s.name for s in settings.pod_template.spec.image_pull_secrets] == ["mirror"]
+    assert settings.network_policy == {"egress": values["networkPolicy"]["egress"]}
+    open_egress = run(tool("helm"), "template", RELEASE, str(CHART), "--set", "stages.networkPolicy.enabled=true").stdout
+    (dep,) = [d for d in yaml.safe_load_all(open_egress) if d and d["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert OperatorSettings.from_env(env).network_policy == {"egress": None}
 
 
 def test_metrics_service_servicemonitor_networkpolicy_and_pdb_agree_on_ports():
