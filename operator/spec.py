@@ -152,7 +152,12 @@ class Train(_Model):
     gradient_accumulation_steps: int = Field(ge=1, le=4096, description="Steps accumulated per optimizer update")
     max_seq_length: int = Field(ge=16, le=1_048_576,
                                 description="Token cut-off; prompt tokens are masked from the loss")
-    zero_stage: Literal[0, 1, 2, 3] = Field(description="DeepSpeed ZeRO stage")
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = Field(
+        description='DeepSpeed ZeRO stage; "auto": 2 when the bf16 model fits one GPU with room for activations, 3 beyond')
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: less memory for about a third more compute")
+    attention_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="transformers attn_implementation; flash_attention_2 needs a GPU and the flash-attn package")
     nodes: int = Field(1, ge=1, le=1024, description="Nodes for one training Job (an Indexed Job when > 1)")
     checkpoint_steps: int = Field(50, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Training seed")
@@ -586,7 +591,7 @@ _TRAIN_COMMON = {
     "data": "round", "loraRank": 16, "loraAlpha": 32.0, "loraDropout": 0.05,
     "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"], "learningRate": 4e-4,
     "scheduler": "cosine", "warmupRatio": 0.03, "epochs": 3.0, "perDeviceBatchSize": 4,
-    "gradientAccumulationSteps": 4, "maxSeqLength": 1024, "zeroStage": 3,
+    "gradientAccumulationSteps": 4, "maxSeqLength": 1024, "zeroStage": "auto",
 }
 
 # METHODS.md's parameters, one preset per method. A user's spec is merged over these.

@@ -8,15 +8,21 @@ Several GPUs and nodes (the Job sets NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_A
 
 transformers' Trainer + PEFT LoRA, prompt tokens masked (sft_data.py), batches grouped by length.
 Engine: DeepSpeed at spec.train.zeroStage whenever a GPU is present, and on a CPU when a ZeRO stage
-> 0 is asked for (one process, gloo; how tests run the DeepSpeed path); plain PyTorch on a CPU
-with zeroStage 0, where DeepSpeed would only add start-up time. The DeepSpeed config is validated
-before the model is loaded. bf16 on GPU, fp32 on CPU.
+> 0 is asked for (gloo; how tests run the DeepSpeed path); plain PyTorch on a CPU with zeroStage 0,
+where DeepSpeed would only add start-up time. zeroStage "auto" is 2 when the bf16 model fits one
+GPU with room for activations, 3 beyond, 0 on a CPU (deepspeed_config.zero_stage). The DeepSpeed
+config is validated before the model is loaded. bf16 on GPU, fp32 on CPU. Under ZeRO-3 the adapter
+is saved by gathering only its own tensors, never the frozen weights.
+
+The ranks of a node share one download of an s3:// model (storage.local_path locks and renames).
+The seed is applied before LoRA initialises its weights, so one seed gives one initial adapter.
 
 Every checkpointSteps steps the Trainer's checkpoint (adapter, optimizer, scheduler, RNG, data
 position) is copied to <out>/checkpoints/checkpoint-<step>/, `complete.json` last, and the older
 ones are then deleted from storage; a restarted pod downloads the latest complete one and resumes
-from it. Only global rank 0 writes the adapter
-and logs; every rank returns the same outcome.
+from it. Only global rank 0 writes the adapter and logs, and each stored file has one writer: the
+first node uploads a checkpoint, the other nodes only their ranks' own shards. Every rank returns
+the same outcome.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -39,11 +46,13 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .runtime import storage
 from .runtime.context import StageContext, StageError, StageOutcome
-from .models.deepspeed_config import DeepSpeedConfigError, deepspeed_config, validate
+from .models.deepspeed_config import DeepSpeedConfigError, deepspeed_config, validate, zero_stage
 from .text.sft_data import Example, encode_all, ensure_chat_template, parse_kept
 
 log = logging.getLogger(__name__)
@@ -52,19 +61,23 @@ CHECKPOINT_MARKER = "complete.json"
 LOSS_CURVE_POINTS = 200  # logged points; the manifest keeps the whole curve
 _CHECKPOINT = re.compile(r"/checkpoint-(\d+)/" + re.escape(CHECKPOINT_MARKER) + "$")
 _CHECKPOINT_FOLDER = re.compile(r"/checkpoint-(\d+)/")
+# A checkpoint's files that belong to one rank (its RNG state, its ZeRO shards); the rest is common.
+_RANK_FILE = re.compile(r"(^|/)(rng_state_\d+\.pth|[^/]*zero_pp_rank_\d+_[^/]*)$")
 
 
 def run(ctx: StageContext) -> StageOutcome:
     train = ctx.spec.train
     gpu = torch.cuda.is_available()
-    engine = choose_engine(train.zero_stage, gpu=gpu)
-    if engine == "deepspeed":
-        _single_process_env(gpu=gpu)
     rank0 = _env_int("RANK") == 0
 
     sources = kept_data_uris(ctx)
     examples = load_examples(sources)
     model_dir = storage.local_path(ctx.model, ctx.scratch)
+    stage = zero_stage(train.zero_stage, parameters=parameter_count(model_dir),
+                       gpu_memory=_gpu_memory() if gpu else None)
+    engine = choose_engine(stage, gpu=gpu)
+    if engine == "deepspeed":
+        _single_process_env(gpu=gpu)
     tokenizer = _load_tokenizer(model_dir)
     features, counts = encode_all(tokenizer, examples, train.max_seq_length, progress=rank0)
 
@@ -75,12 +88,12 @@ def run(ctx: StageContext) -> StageOutcome:
     kwargs = training_kwargs(train, work / "trainer", gpu=gpu, steps=steps)
     config = None
     if engine == "deepspeed":
-        config = _validated_deepspeed_config(train, kwargs, model_dir, steps)
-    args = _training_arguments(kwargs, config)
+        config = _validated_deepspeed_config(train, stage, kwargs, model_dir, steps)
+    args = _training_arguments(kwargs, config, gpu=gpu)
     resume = _fetch_latest_checkpoint(ctx.out, work, args)
     if rank0:
-        log.info("training engine=%s zero=%d world=%d examples=%d steps=%d resume_from=%s model=%s",
-                 engine, train.zero_stage, world, counts.examples, steps, resume, ctx.model)
+        log.info("training engine=%s zero=%d zero_asked=%s world=%d examples=%d steps=%d resume_from=%s "
+                 "model=%s", engine, stage, train.zero_stage, world, counts.examples, steps, resume, ctx.model)
 
     model = _lora_model(model_dir, train, gpu=gpu)
     session = SessionStats()
@@ -89,11 +102,11 @@ def run(ctx: StageContext) -> StageOutcome:
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     adapter_uri = f"{ctx.out}/adapter"
-    trainer.save_model(str(work / "adapter"))  # every rank: ZeRO-3 gathers the shards here
+    trainer.save_model(str(work / "adapter"))  # every rank: ZeRO-3 gathers the adapter here
     if rank0:
         storage.upload_dir(work / "adapter", adapter_uri)
     outcome = _outcome(trainer, session, counts, adapter_uri, ctx.out, engine=engine, sources=sources,
-                       zero_stage=train.zero_stage if engine == "deepspeed" else None)
+                       zero_stage=stage if engine == "deepspeed" else None)
     if rank0:
         summary = outcome.summary
         log.info("training finished steps=%d loss_first=%.4f loss_last=%.4f tokens_per_s=%.1f seconds=%.1f",
@@ -159,6 +172,9 @@ def training_kwargs(train, output_dir: Path, *, gpu: bool, steps: int) -> dict:
         "save_strategy": "steps", "save_steps": train.checkpoint_steps, "save_total_limit": 1,
         # Scratch is per pod: with several nodes each one keeps the files its ranks wrote.
         "save_on_each_node": train.nodes > 1,
+        # Non-reentrant checkpointing needs no input that requires grad (PEFT freezes the embeddings).
+        "gradient_checkpointing": train.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "include_num_input_tokens_seen": "non_padding", "report_to": [], "remove_unused_columns": False,
     }
 
@@ -167,6 +183,25 @@ def latest_checkpoint(uris: list[str]) -> int | None:
     """The step of the newest checkpoint whose completion marker exists, if any."""
     steps = [int(m.group(1)) for m in map(_CHECKPOINT.search, uris) if m]
     return max(steps, default=None)
+
+
+def node_files(files: list[str], *, first_node: bool) -> list[str]:
+    """What one node uploads of a checkpoint folder (paths relative to it): the first node all of
+    it, every other node only its ranks' own files, so no common file (adapter, trainer state) has
+    two writers and a node's copy never lands over the first node's."""
+    return files if first_node else [f for f in files if _RANK_FILE.search(f)]
+
+
+def parameter_count(model_dir: Path) -> int | None:
+    """The model's parameters, from its safetensors headers (no weights read); None without any."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with safe_open(path, framework="pt") as weights:
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    return total
 
 
 def superseded_checkpoints(uris: list[str], step: int) -> list[int]:
@@ -211,19 +246,30 @@ def _load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def _validated_deepspeed_config(train, kwargs: dict, model_dir: Path, steps: int) -> dict:
+def _gpu_memory() -> int:
+    return torch.cuda.get_device_properties(_env_int("LOCAL_RANK")).total_memory
+
+
+def _validated_deepspeed_config(train, stage: int, kwargs: dict, model_dir: Path, steps: int) -> dict:
     model_config = AutoConfig.from_pretrained(model_dir)
     hidden = getattr(model_config, "hidden_size", None) or model_config.get_text_config().hidden_size
     try:
-        return validate(deepspeed_config(train), TrainingArguments(**kwargs),
+        return validate(deepspeed_config(train, stage), TrainingArguments(**kwargs),
                         hidden_size=hidden, num_training_steps=steps)
     except DeepSpeedConfigError as exc:
-        raise StageError(f"spec.train (zeroStage {train.zero_stage}): {exc}") from None
+        raise StageError(f"spec.train (zeroStage {train.zero_stage}: {stage}): {exc}") from None
 
 
-def _training_arguments(kwargs: dict, config: dict | None):
+def _training_arguments(kwargs: dict, config: dict | None, *, gpu: bool):
     """Built before the model: with ZeRO-3 it makes from_pretrained load straight into shards."""
-    return TrainingArguments(**kwargs, deepspeed=config)
+    args = TrainingArguments(**kwargs, deepspeed=config)
+    if config is not None:
+        import deepspeed
+
+        # ZeRO-3's loading (zero.Init) checks the batch against DeepSpeed's own process group, of
+        # one rank until it exists; on a CPU nothing else starts it before the model loads.
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    return args
 
 
 def _fetch_latest_checkpoint(out: str, work: Path, args) -> Path | None:
@@ -241,11 +287,18 @@ def _fetch_latest_checkpoint(out: str, work: Path, args) -> Path | None:
 
 def _lora_model(model_dir: Path, train, *, gpu: bool):
     dtype = torch.bfloat16 if gpu else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                     attn_implementation=train.attention_implementation)
+    except (ImportError, ValueError) as exc:  # e.g. flash_attention_2 without flash-attn or a GPU
+        raise StageError(f"spec.train.attentionImplementation {train.attention_implementation}: "
+                         f"{' '.join(str(exc).split())}") from None
     targets = train.target_modules
     lora = LoraConfig(
         r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout, bias="none",
         task_type="CAUSAL_LM", target_modules="all-linear" if targets == ["all-linear"] else targets)
+    # LoRA draws its A matrices here, before the Trainer would apply the seed.
+    set_seed(train.seed)
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:  # e.g. a target module name the model does not have
@@ -255,15 +308,36 @@ def _lora_model(model_dir: Path, train, *, gpu: bool):
 def _trainer(model, args, tokenizer, features, *, callbacks):
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
                                       pad_to_multiple_of=8 if not args.use_cpu else None)
-    return Trainer(model=model, args=args, train_dataset=features, processing_class=tokenizer,
-                   data_collator=collator, callbacks=callbacks)
+    return AdapterTrainer(model=model, args=args, train_dataset=features, processing_class=tokenizer,
+                          data_collator=collator, callbacks=callbacks)
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) tensors, gathered whole on every rank; a collective under ZeRO-3.
+    Only these are gathered: DeepSpeed's own 16-bit save walks every layer, frozen ones included."""
+    import deepspeed
+
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    with deepspeed.zero.GatheredParameters(list(trainable.values())):
+        return {name: p.detach().cpu().clone() for name, p in trainable.items()}
+
+
+class AdapterTrainer(Trainer):
+    """The Trainer, saving a ZeRO-3 adapter from `adapter_state_dict` (final save and checkpoints)."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not is_deepspeed_zero3_enabled():
+            return super().save_model(output_dir, _internal_call)
+        state_dict = adapter_state_dict(self.model)
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
 
 
 class CheckpointUploader(TrainerCallback):
     """Copy each checkpoint the Trainer saves to storage; the completion marker goes last.
 
-    Every node's local rank 0 uploads what its ranks wrote (ZeRO shards are per rank), all ranks
-    wait, then global rank 0 writes the marker (a checkpoint without it is never resumed from) and
+    Every node's local rank 0 uploads what its ranks wrote (ZeRO shards are per rank; the first
+    node also the common files, `node_files`), all ranks wait, then global rank 0 writes the marker (a checkpoint without it is never resumed from) and
     deletes the checkpoints it supersedes, so storage holds one, as the Trainer's own folder does.
     """
 
@@ -276,7 +350,9 @@ class CheckpointUploader(TrainerCallback):
         target = f"{self.prefix}/checkpoint-{step}"
         _barrier()
         if args.local_process_index == 0:
-            storage.upload_dir(local, target)
+            files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+            for name in node_files(files, first_node=args.process_index == 0):
+                storage.upload_file(local / name, storage.join(target, name))
         _barrier()
         if args.process_index == 0:
             storage.write_json(f"{target}/{CHECKPOINT_MARKER}", {"step": step})

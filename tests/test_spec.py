@@ -50,7 +50,7 @@ QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
     ("isheep", "train.loraRank", 16),
     ("isheep", "train.targetModules", QKVO),
     ("isheep", "train.learningRate", 4e-4),
-    ("isheep", "train.zeroStage", 3),
+    ("isheep", "train.zeroStage", "auto"),
     ("isheep", "train.maxSeqLength", 1024),
     # AITP: 2 questions per gap document, keep rewrites with quality >= 7, gap documents every round.
     ("aitp", "synthesize.questionsPerGapDoc", 2),

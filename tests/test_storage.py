@@ -354,6 +354,8 @@ def test_a_custom_endpoint_gets_no_checksum_headers_and_large_objects_go_in_part
     uploads = [(op, headers) for op, headers in sent if op in ("PutObject", "UploadPart", "CreateMultipartUpload")]
     assert [(op, _checksum_headers(headers)) for op, headers in uploads] == [(op, []) for op, _ in uploads]
     assert all("x-amz-checksum-mode" not in headers for op, headers in sent if op == "GetObject")
+    # DeleteObjects needs a body checksum: Content-MD5, which every S3-compatible store knows, goes too.
+    assert all("content-md5" in headers for op, headers in sent if op == "DeleteObjects")
 
 
 class _Sent(Exception):

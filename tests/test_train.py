@@ -101,9 +101,77 @@ def test_training_arguments_come_from_the_spec(tiny_model_dir, tmp_path):
         "learning_rate": 2e-4, "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "num_train_epochs": 3,
         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "save_steps": 7, "seed": 5,
         "bf16": False, "use_cpu": True, "logging_steps": 5, "train_sampling_strategy": "group_by_length",
-        "save_on_each_node": False}
+        "save_on_each_node": False, "gradient_checkpointing": True}
     assert {key: kwargs[key] for key in expected} == expected
     assert train.training_kwargs(spec.train, tmp_path, gpu=True, steps=10)["bf16"] is True
+
+
+def test_only_the_first_node_uploads_a_checkpoints_common_files():
+    files = ["adapter_model.safetensors", "trainer_state.json", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth",
+             "latest", "global_step8/mp_rank_00_model_states.pt",
+             "global_step8/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "global_step8/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert train.node_files(files, first_node=True) == files
+    # A later node's copy of the adapter and state may be empty or stale: only its ranks' own files go up.
+    assert train.node_files(["adapter_model.safetensors", "trainer_state.json", "rng_state_1.pth",
+                             "global_step8/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                             "global_step8/zero_pp_rank_1_mp_rank_00_model_states.pt"], first_node=False) == [
+        "rng_state_1.pth", "global_step8/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "global_step8/zero_pp_rank_1_mp_rank_00_model_states.pt"]
+
+
+def test_parameter_count_reads_the_safetensors_headers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    assert train.parameter_count(tiny_model_dir) == AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
+    assert train.parameter_count(tiny_model_dir / "absent") is None
+
+
+def _initial_lora(model_dir, **train_fields):
+    spec = parse_spec(spec_dict(model_dir, "file:///tmp/runs", **train_fields))
+    model = train._lora_model(model_dir, spec.train, gpu=False)
+    return model, {name: p.detach().clone() for name, p in model.named_parameters() if "lora_A" in name}
+
+
+def test_the_seed_decides_the_initial_adapter(tiny_model_dir):
+    import torch
+
+    _, first = _initial_lora(tiny_model_dir, seed=7)
+    torch.manual_seed(1234)  # whatever the process drew before
+    _, again = _initial_lora(tiny_model_dir, seed=7)
+    _, other = _initial_lora(tiny_model_dir, seed=8)
+    assert first and all(torch.equal(first[name], again[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_attention_implementation_reaches_transformers(tiny_model_dir, attention):
+    model, _ = _initial_lora(tiny_model_dir, attentionImplementation=attention)
+    assert model.config._attn_implementation == attention
+
+
+def test_flash_attention_without_its_package_names_the_field(tiny_model_dir):
+    with pytest.raises(StageError, match="spec.train.attentionImplementation flash_attention_2: "):
+        _initial_lora(tiny_model_dir, attentionImplementation="flash_attention_2")
+
+
+def test_the_adapter_is_gathered_without_the_frozen_weights(tiny_model_dir, monkeypatch):
+    """Under ZeRO-3 every gathered tensor crosses the network: only the LoRA tensors are asked for."""
+    import deepspeed
+
+    model, _ = _initial_lora(tiny_model_dir)
+    gathered = []
+    real = deepspeed.zero.GatheredParameters
+
+    def recording(params, *args, **kwargs):
+        gathered.extend(params)
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", recording)
+    state = train.adapter_state_dict(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(gathered) == len(trainable) and all(p.requires_grad for p in gathered)
+    assert state and all("lora_" in name for name in state)
 
 
 def test_cumulative_data_reads_every_round_so_far(tiny_model_dir, tmp_path):

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO configuration for the train stage: generated from the spec, validated up front.
 
-`deepspeed_config` is pure: the ZeRO section follows the stage the spec asks for, and every value
+`zero_stage` is pure: spec.train.zeroStage, with "auto" decided by the model's size against one GPU's
+memory. `deepspeed_config` is pure: the ZeRO section follows that stage, and every value
 the Hugging Face Trainer also knows (batch sizes, accumulation, clipping, precision, bucket sizes
 that depend on the model's hidden size) is "auto", so the Trainer fills it from its own arguments
 and the two can never disagree. `validate` runs the exact checks the Trainer and DeepSpeed run at
@@ -22,19 +23,40 @@ _STAGE_SETTINGS: dict[int, dict[str, Any]] = {
     # ZeRO-2/3: overlap gradient reduction with the backward pass; contiguous buffers avoid
     # fragmentation (the settings of the Hugging Face DeepSpeed guide).
     2: {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto"},
+    # The adapter is saved by gathering only its own tensors (train.adapter_state_dict): the
+    # stock 16-bit save would gather every frozen layer too, at every checkpoint.
     3: {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto",
         "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
-        # The adapter is saved from gathered weights; without this, ZeRO-3 saves empty shards.
-        "stage3_gather_16bit_weights_on_model_save": True},
+        "stage3_gather_16bit_weights_on_model_save": False},
 }
+# "auto" picks ZeRO-2 while the bf16 weights take at most this share of one GPU's memory: LoRA's
+# gradients and optimizer state are a few percent of it, and the rest holds activations (batch x
+# sequence x hidden x layers, fewer with gradient checkpointing), the CUDA context and NCCL buffers.
+# Beyond it ZeRO-3 shards the weights, at the price of gathering them every micro-step.
+FITS_SHARE = 0.5
+BF16_BYTES = 2
 
 
 class DeepSpeedConfigError(ValueError):
     """A DeepSpeed configuration that the Trainer or DeepSpeed itself rejects."""
 
 
-def deepspeed_config(train: Train) -> dict[str, Any]:
-    """The DeepSpeed config for `spec.train` (Hugging Face Trainer style, "auto" where it fills)."""
+def zero_stage(requested: int | str, *, parameters: int | None, gpu_memory: int | None) -> int:
+    """The ZeRO stage to run: the one asked for, or for "auto" 0 without a GPU (plain PyTorch),
+    2 when the bf16 weights of `parameters` fit one GPU of `gpu_memory` bytes, else 3 (also when
+    the size is unknown: sharding is the choice that cannot run out of memory for weights)."""
+    if requested != "auto":
+        return int(requested)
+    if gpu_memory is None:
+        return 0
+    if parameters is None:
+        return 3
+    return 2 if parameters * BF16_BYTES <= FITS_SHARE * gpu_memory else 3
+
+
+def deepspeed_config(train: Train, stage: int) -> dict[str, Any]:
+    """The DeepSpeed config for `spec.train` at ZeRO `stage` (from `zero_stage`), Hugging Face
+    Trainer style, "auto" where the Trainer fills it."""
     return {
         "train_batch_size": "auto",
         "train_micro_batch_size_per_gpu": "auto",
@@ -42,7 +64,7 @@ def deepspeed_config(train: Train) -> dict[str, Any]:
         "gradient_clipping": "auto",
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
-        "zero_optimization": {"stage": train.zero_stage, **_STAGE_SETTINGS[train.zero_stage]},
+        "zero_optimization": {"stage": stage, **_STAGE_SETTINGS[stage]},
         # The Trainer builds torch's AdamW; DeepSpeed only vouches for its own optimizers with ZeRO.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1_000_000,  # the Trainer logs progress; DeepSpeed's own print is noise

@@ -8,6 +8,7 @@ Every failure surfaces as a one-line `StorageError` naming the URI or the endpoi
 """
 from __future__ import annotations
 
+import base64
 import fcntl
 import functools
 import hashlib
@@ -131,7 +132,17 @@ def _client_for(settings: tuple[str | None, ...]):
         request_checksum_calculation=request_checksum or ("when_required" if custom else None),
         response_checksum_validation=response_checksum or ("when_required" if custom else None),
     )
-    return boto3.session.Session().client("s3", config=config)
+    client = boto3.session.Session().client("s3", config=config)
+    if custom:
+        client.meta.events.register("before-sign.s3.DeleteObjects", _content_md5)
+    return client
+
+
+def _content_md5(request, **_) -> None:
+    """DeleteObjects must carry a checksum of its body; since 1.36 botocore sends only CRC32, while
+    MinIO and Ceph RGW releases that predate it ask for the Content-MD5 the API has always taken."""
+    if request.body and "Content-MD5" not in request.headers:
+        request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(request.body).digest()).decode()
 
 
 def _endpoint() -> str:
