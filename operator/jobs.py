@@ -34,7 +34,7 @@ from .naming import (GROUP, KIND, LABEL_ROUND, LABEL_RUN, LABEL_STAGE, MAX_LABEL
                      config_map_name, job_name)
 from .planner import EnsureJob, storage_prefix
 from .settings import OperatorSettings
-from .spec import STAGES, PodTemplate, RunSpec, SpecError, StageResources, dump_spec, parse_spec
+from .spec import STAGES, RunSpec, SpecError, StageResources, dump_spec, parse_spec
 
 CONTAINER = "stage"
 SPEC_DIR, SPEC_FILE = "/etc/selfalign", "spec.json"
@@ -135,7 +135,7 @@ def build_network_policy(*, namespace: str, run_name: str, owner: dict,
         spec["policyTypes"].append("Egress")
         spec["egress"] = [{"to": peers}, *egress]
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": config_map_name(run_name), "namespace": namespace,
+            "metadata": {"name": run_name, "namespace": namespace,  # a DNS subdomain, as the run's
                          "labels": run_labels(run_name, "network"), "ownerReferences": [owner]},
             "spec": spec}
 
@@ -228,7 +228,8 @@ def _job(spec: RunSpec, job: EnsureJob, namespace: str, run_name: str, owner: di
 
 
 # Lists merged item by item on these keys (the patchMergeKeys of kubectl's strategic merge patch
-# for these Pod fields); a later item of the same key replaces the earlier one whole.
+# for these Pod fields, which the Python client does not implement); a later item of the same key
+# replaces the earlier one whole.
 MERGE_KEYS = {"imagePullSecrets": ("name",), "volumes": ("name",), "containers": ("name",),
               "env": ("name",), "volumeMounts": ("mountPath",),
               "topologySpreadConstraints": ("topologyKey", "whenUnsatisfiable")}
