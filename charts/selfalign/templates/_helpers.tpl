@@ -76,11 +76,12 @@ operator/*.py (tests/test_chart.py derives those calls from the code and compare
 - apiGroups: [selfalign.dev]
   resources: [selfalignruns/status]
   verbs: [patch]
-# Stage Jobs: watched for progress, created from the plan (never changed or deleted); read on a
-# 409 to check that the existing one is this run's (a deleted run's Job of the same name is not).
+# Stage Jobs: watched for progress, created from the plan, patched only to suspend or resume
+# one (spec.suspend), never deleted; read on a 409 to check that the existing one is this run's
+# (a deleted run's Job of the same name is not).
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create]
+  verbs: [get, list, watch, create, patch]
 # Stage Pods: watched for their termination message (the stage's result summary).
 - apiGroups: [""]
   resources: [pods]
