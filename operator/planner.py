@@ -375,7 +375,7 @@ def _restartable(spec: RunSpec, stage: str, record: Mapping[str, Any], seen: Job
     starts again as a new Job, up to `backoffLimit` times since the last retry: one lost node
     must not leave the other ranks waiting for peers."""
     return (stage == "train" and spec.train.nodes > 1 and EXIT_BAD_INPUT not in seen.exit_codes
-            and seen.reason != "PodFailurePolicy" and record.get("restarts", 0) < spec.backoff_limit)
+            and record.get("restarts", 0) < spec.backoff_limit)
 
 
 def _move(record: dict[str, Any], phase: str, seen: JobObservation, ts: str) -> None:

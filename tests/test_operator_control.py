@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import kmock
+import pytest
 
+from selfalign.operator.jobs import TORCHRUN
 from selfalign.operator.naming import job_name
 from selfalign.operator.planner import attempt_job
-from tests.fixtures.kube import NS, api, wait_for
+from tests.fixtures.kube import FAKE_IMAGE, NS, api, wait_for
 from tests.test_operator import condition, expected_jobs, metric, printer_columns, run_spec
 
 JOBS = "/apis/batch/v1/namespaces/" + NS + "/jobs"
@@ -146,3 +148,27 @@ async def test_a_job_kueue_holds_is_queued_and_its_queue_time_is_kept_apart(clus
     record = status["rounds"][0]["stages"]["train"]
     assert record["queuedSeconds"] >= 1 and "runningSeconds" in record and "waiting" not in record
     assert metric("selfalign_stage_queued_seconds_count", stage="train") == queued_before + 1
+
+
+# torchrun's own arguments dropped, the rest run by the fake stage: each rank is one fake stage.
+FAKE_TORCHRUN = "selfalign-test/fake-torchrun"
+
+
+@pytest.mark.parametrize("exit_code, jobs", [(1, 2), (2, 1)], ids=["restarted-whole", "bad-input-fails-at-once"])
+async def test_a_multi_node_train_that_fails_is_restarted_whole(cluster, exit_code, jobs):
+    fake_stage = cluster.kubelet.images[FAKE_IMAGE][1]
+    cluster.kubelet.images[FAKE_TORCHRUN] = (("python", "-c", TORCHRUN), (
+        "sh", "-c", 'stage="$1"; while [ "$1" != -m ]; do shift; done; shift 2; exec "$0" "$stage" "$@"',
+        *fake_stage))
+    cluster.kubelet.env.update(FAKE_FAIL="train", FAKE_FAIL_CODE=str(exit_code))
+    spec = run_spec(rounds=1, backoffLimit=1, train={"nodes": 2},
+                    resources={"train": {"gpus": 1, "image": FAKE_TORCHRUN}})
+    await cluster.create_run("multi", spec)
+    status = await cluster.wait_phase("multi", "Failed", "Succeeded")
+    assert status["phase"] == "Failed"
+    names = [attempt_job("multi", 0, "train", n) for n in range(1, jobs + 1)]
+    assert [j for j in cluster.job_posts() if "train" in j] == names  # each attempt a whole new Job
+    assert sum(pod.startswith(names[0]) for pod in cluster.kubelet.logs) == 2 * jobs  # both ranks, each attempt
+    record = status["rounds"][0]["stages"]["train"]
+    assert (record["attempt"], record.get("restarts", 0), len(record.get("history", []))) == (jobs, jobs - 1, jobs - 1)
+    assert "fake failure" in status["message"]
