@@ -73,3 +73,13 @@ def test_other_mounts_are_accepted(path):
 def test_what_only_the_typed_spec_can_see(template, field, message):
     errors = typed_errors(variant({"podTemplate": template}))
     assert any(e.startswith(f"{field}: ") and message in e for e in errors), errors
+
+
+def test_the_spec_the_stages_read_keeps_the_template():
+    """The ConfigMap's spec.json (dump_spec) parses back to the same spec in every stage pod."""
+    from selfalign.operator.spec import dump_spec
+    from tests.invalid_specs import VALID
+
+    spec = parse_spec(VALID["pod-templates"])
+    assert parse_spec(dump_spec(spec)) == spec
+    assert dump_spec(spec)["podTemplate"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "hf-cache"}
