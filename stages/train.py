@@ -337,8 +337,9 @@ class CheckpointUploader(TrainerCallback):
     """Copy each checkpoint the Trainer saves to storage; the completion marker goes last.
 
     Every node's local rank 0 uploads what its ranks wrote (ZeRO shards are per rank; the first
-    node also the common files, `node_files`), all ranks wait, then global rank 0 writes the marker (a checkpoint without it is never resumed from) and
-    deletes the checkpoints it supersedes, so storage holds one, as the Trainer's own folder does.
+    node also the common files, `node_files`), all ranks wait, then global rank 0 writes the
+    marker (a checkpoint without it is never resumed from) and deletes the checkpoints it
+    supersedes, so storage holds one, as the Trainer's own folder does.
     """
 
     def __init__(self, prefix: str):
