@@ -6,8 +6,8 @@ is), `plan`, write the status once (only if it changed, through the status subre
 child exists), create what the plan needs (409 = done when the existing child is the run's own, by
 uid), then post the plan's Events. The API sees writes, and reads only to learn whose a 409's
 object is (or the run, where resourceVersions are not integers). The triggers are the run's own watch (whose initial listing also resumes every run after a restart) and its
-children's watches, filtered by label on the server; every Pod event counts (its end carries the
-stage's result, its scheduling and container states say why a stage waits). A renewed
+children's watches, filtered by label on the server; a Pod matters when it ends (its termination
+message is the stage's result), waits (unschedulable, pulling an image, mounting) or runs. A renewed
 watch resumes from its last resourceVersion and delivers nothing again, so the reconciler also
 retries a failed pass itself and resyncs every unfinished run every 5 minutes: the safety net,
 not the trigger.
@@ -31,6 +31,7 @@ import kubernetes
 
 from . import metrics
 from .kube import Kube
+from .observe import pod_phase, pod_waiting
 from .naming import GROUP, KIND, LABEL_JOB, LABEL_RUN, PLURAL, VERSION
 from .reconciler import Cache, Reconciler
 from .settings import OperatorSettings
@@ -123,7 +124,15 @@ def job_changed(namespace: str, body: kopf.Body, memo: kopf.Memo, runs: kopf.Ind
         memo.reconciler.request(namespace, run, Cache(runs, run_jobs, job_pods), logger)
 
 
-@kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT, LABEL_JOB: kopf.PRESENT})
+def pod_matters(type: str | None, body: kopf.Body, **_: Any) -> bool:
+    """A Pod changes a plan when it ends or goes (a finished Job's result is its Pod's termination
+    message), when it waits for something (unschedulable, an image, a mount) and when it runs (the
+    wait is over); not while it is merely being created or scheduled."""
+    phase = pod_phase(body)
+    return type == "DELETED" or phase in ("Running", "Succeeded", "Failed") or pod_waiting([body]) is not None
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT, LABEL_JOB: kopf.PRESENT}, when=pod_matters)
 def pod_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
                 job_runs: kopf.Index, job_pods: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
     for run in list(job_runs.get((namespace, labels[LABEL_JOB]), ())):

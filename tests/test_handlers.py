@@ -14,7 +14,7 @@ import kubernetes
 import pytest
 import urllib3
 
-from selfalign.operator.handlers import NoDiffBase, configure
+from selfalign.operator.handlers import NoDiffBase, configure, pod_matters
 from selfalign.operator.kube import Kube, compare_resource_versions
 from selfalign.operator.planner import Event
 from kubernetes.client.exceptions import ApiException
@@ -75,6 +75,34 @@ def test_a_deleted_run_is_forgotten():
     reconciler._config_maps[("ns", "r-spec")] = {"spec.json": "{}"}
     assert reconciler._load("ns", "r", {}) is None
     assert reconciler._written == {} and reconciler._config_maps == {}
+
+
+def pod(phase: str | None = None, terminated: int | None = None, waiting: str | None = None,
+        unschedulable: bool = False) -> dict:
+    status: dict = {"phase": phase} if phase else {}
+    if terminated is not None:
+        status["containerStatuses"] = [{"name": "stage", "state": {"terminated": {"exitCode": terminated}}}]
+    if waiting is not None:
+        status["containerStatuses"] = [{"name": "stage", "state": {"waiting": {"reason": waiting}}}]
+    if unschedulable:
+        status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]
+    return {"metadata": {"name": "p"}, "status": status}
+
+
+@pytest.mark.parametrize("event, body, matters", [
+    ("ADDED", pod("Pending"), False),  # being created: nothing to say yet
+    ("MODIFIED", pod("Pending", unschedulable=True), True),  # why the stage waits
+    ("MODIFIED", pod("Pending", waiting="ImagePullBackOff"), True),
+    ("MODIFIED", pod("Pending", waiting="ContainerCreating"), True),  # a mount wait, once it lasts
+    ("MODIFIED", pod("Running"), True),  # the wait is over
+    ("MODIFIED", pod("Running", terminated=0), True),  # container ended before the Pod phase moved
+    ("MODIFIED", pod("Succeeded"), True),
+    ("MODIFIED", pod("Failed"), True),
+    (None, pod("Succeeded"), True),  # the initial listing after a restart
+    ("DELETED", pod("Pending"), True),  # gone before it was seen ending: the Job's result is read without it
+])
+def test_a_pod_reconciles_when_it_ends_goes_waits_or_runs(event, body, matters):
+    assert pod_matters(type=event, body=kopf.Body(body)) == matters
 
 
 NO_INDICES = {"runs": {}, "run_jobs": {}, "job_pods": {}}

@@ -218,3 +218,47 @@ async def test_a_killed_operator_leaves_no_retry_or_resync_behind(cluster):
     await cluster.operator.restart()
     assert first.reconciler._closed.is_set() and not first.reconciler._timers
     assert not cluster.operator.memo.reconciler._closed.is_set()
+
+
+async def test_the_job_controller_suspends_and_resumes_a_job_as_kubernetes_does(emulator, tmp_path, fake_images):
+    """spec.suspend: the active Pods are deleted and not counted as failed (the Job controller
+    removes their tracking finalizer first), Suspended True and no startTime; resumed: Suspended
+    False (JobResumed), startTime reset, new Pods, and the Job completes."""
+    from tests.fixtures.kube import FAKE_IMAGE, fake_stage_kubelet
+
+    kubelet = fake_stage_kubelet(emulator, tmp_path / "node")
+    kubelet.use_fast_stage()
+    kubelet.held.add("assess")
+    task = asyncio.create_task(kubelet.run())
+    jobs = f"/apis/batch/v1/namespaces/{NS}/jobs"
+    container = {"name": "stage", "image": FAKE_IMAGE, "command": ["python", "-m", "selfalign.stages", "assess"]}
+    await api(emulator, "POST", jobs, {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"}, "spec": {
+        "backoffLimit": 0, "template": {"metadata": {"labels": {"selfalign.dev/stage": "assess"}},
+                                        "spec": {"restartPolicy": "Never", "containers": [container]}}}})
+    try:
+        await wait_for(lambda: "j" in kubelet.waiting, what="the pod held")
+        [first] = kubelet.pods["j"]
+        await api(emulator, "PATCH", f"{jobs}/j", {"spec": {"suspend": True}})
+
+        def condition() -> dict:
+            status = emulator.get_object("batch/v1/jobs", NS, "j").get("status") or {}
+            return next((c for c in status.get("conditions") or () if c["type"] == "Suspended"), {})
+
+        await wait_for(lambda: condition().get("status") == "True", what="Suspended")
+        status = emulator.get_object("batch/v1/jobs", NS, "j")["status"]
+        assert (condition()["reason"], status["active"], status["failed"]) == ("JobSuspended", 0, 0)
+        assert "startTime" not in status and emulator.get_object("v1/pods", NS, first) is None
+
+        kubelet.held.clear()
+        await api(emulator, "PATCH", f"{jobs}/j", {"spec": {"suspend": False}})
+        def finished() -> set:
+            status = emulator.get_object("batch/v1/jobs", NS, "j").get("status") or {}
+            return {c["type"] for c in status.get("conditions") or ()} & {"Complete", "Failed"}
+
+        assert await wait_for(finished, 10, what="the Job to finish") == {"Complete"}, \
+            emulator.get_object("batch/v1/jobs", NS, "j")["status"]
+        assert len(kubelet.pods["j"]) == 1 and kubelet.pods["j"][0] != first
+        assert emulator.get_object("batch/v1/jobs", NS, "j")["status"]["startTime"]
+    finally:
+        task.cancel()
+        await kubelet.stop()

@@ -142,3 +142,27 @@ def test_no_gap_before_the_first_stage_finished(metrics_url):
     metrics.observe_job_created(running, T0)
     after = scrape(metrics_url)
     assert delta(before, after, "selfalign_job_gap_seconds_count") == 0
+
+
+def test_a_stages_queue_time_is_observed_apart_from_its_running_time(metrics_url):
+    """A stage that waited 10 min for Kueue and ran 90 s: the duration histogram gets the 90 s."""
+    spec = parse_spec({"recipe": "isheep", "rounds": 1, "model": {"base": "s3://m/base"},
+                       "seeds": "s3://d/seeds.jsonl", "storage": {"uri": "s3://b/runs"},
+                       "coverage": {"reference": "s3://d/ref.jsonl"}})
+    before = scrape(metrics_url)
+    first = plan(spec, None, {}, T0, namespace="ns", name="kq", generation=1)
+    (job,) = first.jobs
+    steps = [JobObservation(job.name, 0, "synthesize", "Queued", suspended_at="2026-11-21T12:00:00Z"),
+             JobObservation(job.name, 0, "synthesize", "Active", start_time="2026-11-21T12:10:00Z"),
+             JobObservation(job.name, 0, "synthesize", "Succeeded", result={}, start_time="2026-11-21T12:10:00Z",
+                            completion_time="2026-11-21T12:11:30Z")]
+    status = first.status
+    for minute, seen in enumerate(steps, start=1):
+        new = plan(spec, status, {job.name: seen}, T0 + timedelta(minutes=10 * minute), namespace="ns", name="kq",
+                   generation=1).status
+        metrics.record_status_change(status, new)
+        status = new
+    after = scrape(metrics_url)
+    assert delta(before, after, "selfalign_stage_duration_seconds_sum", stage="synthesize") == 90.0
+    assert delta(before, after, "selfalign_stage_queued_seconds_count", stage="synthesize") == 1
+    assert delta(before, after, "selfalign_stage_queued_seconds_sum", stage="synthesize") == 600.0

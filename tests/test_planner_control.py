@@ -177,3 +177,39 @@ def test_status_counts_rounds_from_one_for_people_and_keeps_the_index():
     result = step(make_spec(rounds=3), None)
     assert (result.status["round"], result.status["roundOf"]) == (0, "1/3")
     assert result.status["message"] == "round 1/3 stage synthesize: pending"
+
+
+def test_retry_may_only_grow_as_the_api_server_checks_it():
+    from selfalign.operator import validate
+    from tests.invalid_specs import valid_base, variant
+
+    assert validate.check_transition(variant({"retry": 1}), variant({"retry": 2})) == []
+    assert validate.check_transition(valid_base(), variant({"retry": 1})) == []
+    errors = validate.check_transition(variant({"retry": 2}), variant({"retry": 1}))
+    assert [e.split(": ", 1)[0] for e in errors] == ["spec.retry"]
+
+
+def test_every_status_of_these_scenarios_fits_the_crds_status_schema_and_rules():
+    """Attempts, history, waiting and the time sums are in the CRD's status schema (a field it
+    lacked would be pruned by the API server, a bound it breaks refused)."""
+    from selfalign.operator import validate
+    from tests.test_crd import STATUS_VALIDATOR
+
+    spec = make_spec(backoffLimit=1, **MULTI)
+    at_train, observed = to_stage(spec, "train")
+    job = at_train.jobs[0]
+    statuses = [at_train.status]
+    for seen in (JobObservation(job.name, 0, "train", "Queued", suspended_at=stamp(0), message="queued"),
+                 JobObservation(job.name, 0, "train", "Active", start_time=stamp(60),
+                                waiting=("Unschedulable", "pod p: 0/2 nodes")),
+                 failed(job)):
+        statuses.append(step(spec, statuses[-1], {**observed, job.name: seen}).status)
+    second = statuses[-1]["rounds"][0]["stages"]["train"]["job"]
+    lost = JobObservation(second, 0, "train", "Failed", message="rank 0: node lost", exit_codes=(137,))
+    statuses.append(step(spec, statuses[-1], {**observed, second: lost}).status)  # restarts spent: Failed
+    statuses.append(step(make_spec(backoffLimit=1, retry=1, **MULTI), statuses[-1], observed, generation=2).status)
+    assert statuses[-1]["rounds"][0]["stages"]["train"]["attempt"] == 3
+    for status in statuses:
+        assert list(STATUS_VALIDATOR.iter_errors(status)) == []
+    for old, new in zip(statuses, statuses[1:]):
+        assert validate.check_status_transition(old, new) == []

@@ -350,7 +350,7 @@ def test_status_of_a_failed_run_shows_the_failure_and_the_missing_manifest(stora
     assert out.startswith("run broken: Failed, round 2/2 stage assess\n")
     failed = next(line for line in out.splitlines() if line.split()[:2] == ["2", "assess"])
     assert "Failed" in failed and failed.endswith(f"error: {ASSESS_ERROR[:80]}...")
-    assert f"message: round 1 stage assess failed after 1 attempt(s): {ASSESS_ERROR}\n" in out
+    assert f"message: round 2/2 stage assess failed after 1 attempt(s): {ASSESS_ERROR}\n" in out
     assert "missing:" not in out and "round 1 train" not in out  # the message says why
 
 
@@ -418,7 +418,7 @@ def test_report_summary_shows_phase_rounds_lineage_and_time(pages, storage):
 def test_report_of_a_failed_run_shows_the_failure_and_names_what_is_missing(pages):
     page = pages["broken"]
     failure = re.search(r'<div class="failure" id="failure">.*?</div>', page, re.S)
-    assert failure and "round 1 stage assess failed after 1 attempt(s)" in failure[0]
+    assert failure and "round 2/2 stage assess failed after 1 attempt(s)" in failure[0]
     assert "&#x27;below-quality&#x27;: 12" in failure[0]  # the message, HTML-escaped
     missing = section(page, "missing")
     assert "round 1 assess: no manifest (failed: assess round 1: kept 2 of 20" in missing
