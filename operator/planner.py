@@ -200,7 +200,8 @@ def plan(
     waiting = record.get("waiting")
     if spec.suspend:
         if record["phase"] == SUSPENDED:
-            message = f"suspended: {where}: its Job {record['job']} is suspended, its pods released; resuming continues it"
+            message = (f"suspended: {where}: its Job {record['job']} is suspended, its pods released; "
+                       "resuming continues it")
         else:
             message = f"suspending: {where}: its Job {record['job']} is being suspended; nothing new starts"
         _set_phase(new, conds, SUSPENDED, c.SUSPENDED_BY_USER, message, generation, ts)
@@ -470,21 +471,19 @@ def _events(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[Event, ...]
         k = entry["round"]
         before = old_rounds[k]["stages"] if k < len(old_rounds) else {}
         for stage, record in entry["stages"].items():
-            was = before.get(stage, {}).get("phase")
-            now_ = record["phase"]
-            waiting = (record.get("waiting") or {}).get("reason")
-            if waiting not in (None, c.QUEUED) and waiting != (before.get(stage, {}).get("waiting") or {}).get("reason"):
-                events.append(Event("Warning", "StageWaiting",
-                                    f"round {k + 1} stage {stage}: {record['waiting'].get('message', waiting)}"))
-            if was == now_ and record["job"] == before.get(stage, {}).get("job"):
-                continue
+            prior = before.get(stage, {})
+            was, now_ = prior.get("phase"), record["phase"]
             job, where = record["job"], f"round {k + 1} stage {stage}"
+            waiting = (record.get("waiting") or {}).get("reason")
+            if waiting not in (None, c.QUEUED) and waiting != (prior.get("waiting") or {}).get("reason"):
+                events.append(Event("Warning", "StageWaiting", f"{where}: {record['waiting'].get('message', waiting)}"))
+            if was == now_ and job == prior.get("job"):
+                continue
             if now_ == PENDING:
-                prior = before.get(stage, {})
                 if prior.get("phase") not in (None, FAILED) and prior.get("job") != job and record.get("history"):
                     failed = record["history"][-1]  # restarted whole within one pass: say it failed
                     events.append(Event("Warning", "StageFailed", f"{where}: Job {failed['job']} failed: "
-                                                                  f"{failed.get('message')}; the whole Job starts again"))
+                                        f"{failed.get('message')}; the whole Job starts again"))
                 attempt = f" (attempt {record['attempt']})" if record.get("attempt", 1) > 1 else ""
                 events.append(Event("Normal", "StageStarted", f"{where}: Job {job} created{attempt}"))
             elif now_ == SUCCEEDED:
