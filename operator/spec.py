@@ -601,7 +601,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "instructionsPerRound": 52_000, "maxPrompts": 200_000, "seedExamples": 6,
             "machineExamples": 2, "seedSampling": "uniform",
             "instructionSampling": _SI_DECODING,
-            "responseSampling": {"temperature": 0.0, "topP": 1.0, "maxTokens": 1024},
+            "responseSampling": {"temperature": 0.0, "topP": 1.0, "maxTokens": 350, "presencePenalty": 1.5},
         },
         "assess": {"judge": "base", "rules": ["self-instruct"],
                    "threshold": {"quality": 0.0, "following": 0.0}},

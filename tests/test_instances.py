@@ -13,20 +13,18 @@ from selfalign.stages.models.engines import TOO_LONG, Completion
 from selfalign.stages.text.instances import (
     CLASSIFY_EXAMPLES,
     CLASSIFY_SAMPLING,
-    EXAMPLE_CHARS,
-    INSTANCE_EXAMPLES,
     MAX_INSTANCES,
+    OUTPUT_FIRST_MAX_TOKENS,
     TASK_BOUNDARY,
     Instance,
     TaskInstances,
     balanced_examples,
     classify_prompt,
     clean_instances,
-    few_shot,
+    classify_examples,
     generate_instances,
     instance_prompt,
     is_classification_answer,
-    matching_examples,
     parse_input_first,
     parse_output_first,
 )
@@ -57,23 +55,10 @@ def test_classification_examples_are_balanced_as_far_as_the_seeds_allow(classifi
     assert sum(s.is_classification for s in picked) == expected_yes
 
 
-def test_few_shot_examples_are_fixed_by_the_synthesize_seed():
+def test_classification_examples_are_fixed_by_the_synthesize_seed():
     pool = seeds(20, 20)
-    assert few_shot(pool, 3) == few_shot(pool, 3)
-    assert few_shot(pool, 3) != few_shot(pool, 4)
-    shots = few_shot(pool, 3)
-    assert all(s.is_classification for s in shots.output_first)
-    assert not any(s.is_classification for s in shots.input_first)
-    assert len(shots.input_first) == len(shots.output_first) == INSTANCE_EXAMPLES
-
-
-def test_instance_examples_skip_long_seeds_and_borrow_the_other_kind_when_short():
-    long = Seed("long", "Write an essay.", "", "x" * (EXAMPLE_CHARS + 1), False)
-    pool = [long, *seeds(0, 3)]
-    picked = matching_examples(np.random.default_rng(0), pool, 2, classification=False)
-    assert long not in picked and len(picked) == 2
-    borrowed = matching_examples(np.random.default_rng(0), seeds(1, 3), 3, classification=True)
-    assert borrowed[0].id == "c0" and len(borrowed) == 3
+    assert classify_examples(pool, 3) == classify_examples(pool, 3)
+    assert classify_examples(pool, 3) != classify_examples(pool, 4)
 
 
 def test_classify_prompt_shows_each_seed_with_its_answer_and_ends_at_the_question():
@@ -87,21 +72,26 @@ def test_classify_prompt_shows_each_seed_with_its_answer_and_ends_at_the_questio
     assert prompt.endswith("\n\nTask: Tell if the review is positive.\nIs it classification?")
 
 
-def test_instance_prompts_show_seeds_input_first_or_output_first():
-    pool = [Seed("c", "Rate the mood.", "I love it.", "Positive", True),
-            Seed("g", "Add the numbers.", "2 and 3", "5", False),
-            Seed("n", "Name a river.", "", "Nile", False)]
-    shots = few_shot(pool, 0)
-    plain = instance_prompt(shots, "Multiply two numbers.", classification=False)
-    assert "Task: Add the numbers.\nExample 1\nInput: 2 and 3\nOutput: 5" in plain
-    assert "Task: Name a river.\nExample 1\nOutput: Nile" in plain
-    # too few seeds of the kind: the other kind fills up, after them, in this prompt's layout
-    assert "Task: Rate the mood.\nExample 1\nInput: I love it.\nOutput: Positive" in plain
-    assert plain.index("Rate the mood") > max(plain.index("Add the"), plain.index("Name a"))
-    assert plain.endswith("\n\nTask: Multiply two numbers.")
-    labels = instance_prompt(shots, "Tell the sentiment.", classification=True)
-    assert "Task: Rate the mood.\nClass label: Positive\nInput: I love it." in labels
+def few_shot_tasks(prompt: str) -> list[str]:
+    """The prompt's example tasks, each with its lines, less the task left open at the end."""
+    return prompt.split("\n\nTask: ")[1:-1]
+
+
+def test_instance_prompts_show_several_instances_per_task_as_the_original_does():
+    plain = instance_prompt("Multiply two\nnumbers:", classification=False)
+    assert plain.endswith("\n\nTask: Multiply two numbers")
+    shown = few_shot_tasks(plain)
+    assert len(shown) >= 3 and "Class label:" not in plain
+    assert sum(block.count("\nExample ") >= 2 for block in shown) >= 2  # several instances each
+    assert any("\nInput:" not in block for block in shown)  # a task without input: output alone
+    for block in shown:  # every example reads back through the stage's own parser
+        instances, drops = parse_input_first(block.split("\n", 1)[1], truncated=False)
+        assert instances and not drops and clean_instances(instances)[0] == instances
+    labels = instance_prompt("Tell the sentiment.", classification=True)
     assert labels.endswith("\n\nTask: Tell the sentiment.")
+    for block in few_shot_tasks(labels):
+        instances, drops = parse_output_first(block.split("\n", 1)[1], truncated=False)
+        assert len({i.output for i in instances}) >= 2 and not drops  # several labels covered
 
 
 # --- parsers --------------------------------------------------------------------------------------
@@ -195,22 +185,24 @@ class CannedEngine:
 def test_each_task_is_checked_then_asked_for_instances_in_its_format():
     engine = CannedEngine(
         [Completion(" Yes", "length"), Completion(" No", "length"), Completion(" No", "length")],
-        [Completion("\nClass label: Good\nInput: Fine day.\nClass label: Bad\nInput: Rain.",
-                    "stop"),
-         Completion("\nExample 1\nInput: 2\nOutput: 4\nExample 2\nInput: 3\nOutput: 9\n"
+        [Completion("\nExample 1\nInput: 2\nOutput: 4\nExample 2\nInput: 3\nOutput: 9\n"
                     "Example 3\nInput: 4\nOut", "length"),
-         Completion("", TOO_LONG)],
+         Completion("", TOO_LONG)],  # input-first first,
+        [Completion("\nClass label: Good\nInput: Fine day.\nClass label: Bad\nInput: Rain.",
+                    "stop")],  # then output-first
     )
     tasks = [Task("Rate the weather."), Task("Square the number."), Task("Write a long essay.")]
-    sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=64)
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=350)
     results, drops = generate_instances(engine, tasks, seeds(6, 6), sampling, seed=0)
 
-    (checks, check_sampling, _), (asked, instance_sampling, stop) = engine.calls
+    (checks, check_sampling, _), (plain, plain_sampling, stop), (labels, label_sampling, _) = (
+        engine.calls)
     assert [p.splitlines()[-2:] for p in checks] == [
         [f"Task: {t.instruction}", "Is it classification?"] for t in tasks]
-    assert check_sampling == CLASSIFY_SAMPLING and instance_sampling == sampling
-    assert "Class label:" in asked[0] and "Class label:" not in asked[1]
-    assert all(p.count(TASK_BOUNDARY) == INSTANCE_EXAMPLES + 1 for p in asked)  # where stop cuts
+    assert check_sampling == CLASSIFY_SAMPLING and plain_sampling == sampling
+    assert label_sampling == sampling.model_copy(update={"max_tokens": OUTPUT_FIRST_MAX_TOKENS})
+    assert [p.rsplit("Task: ", 1)[1] for p in plain] == ["Square the number.", "Write a long essay."]
+    assert len(labels) == 1 and "Class label:" in labels[0] and "Class label:" not in plain[0]
     assert TASK_BOUNDARY in stop
     assert results == [
         TaskInstances(True, (Instance("Fine day.", "Good"), Instance("Rain.", "Bad"))),

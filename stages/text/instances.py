@@ -1,17 +1,18 @@
 """Self-Instruct steps 3-5 (METHODS.md 1.3-1.5): which new tasks are classification tasks, up to
 five instances of each, and the clean-up of those instances.
 
-Step 3 asks the model, few-shot and greedy, whether a task is a classification task. Step 4 asks
-for instances: output-first for classification tasks (a class label, then an input of that class:
-asked input-first, a model tends to write inputs of one class only), input-first for the others.
-Step 5 drops bad instances, and whole tasks whose instances contradict each other.
+Step 3 asks the model, few-shot and greedy, whether a task is a classification task; its examples
+are the run's own seed tasks, drawn once per stage from spec.synthesize.seed, so every prompt of
+the step shares its head and prefix caching reads it once. Seed files without classification tasks
+(Alpaca and chat seeds have is_classification false) lean the check towards "No".
 
-The few-shot examples are the run's own seed tasks, drawn once per stage from
-spec.synthesize.seed, so every prompt of a step shares its head and prefix caching reads it once.
-Seed files without classification tasks (Alpaca and chat seeds have is_classification false)
-degrade gracefully: the check then shows only "No" examples, which leans the model towards "No",
-so fewer tasks go output-first; the output-first prompt shows non-classification seeds in the
-output-first layout, which still teaches the format but not what a class label looks like.
+Step 4 asks for instances: output-first for classification tasks (a class label, then an input of
+that class: asked input-first, a model tends to write inputs of one class only), input-first for
+the others. As in the original's templates, the few-shot tasks show several instances each (a
+seed has only one, and a prompt of one-instance examples gets one instance back), so they are
+fixed, hand-written tasks in the prompt files; decoding is the original's: greedy, presence
+penalty 1.5, 350 tokens (300 output-first).
+Step 5 drops bad instances, and whole tasks whose instances contradict each other.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from .records import Seed
 
 MAX_INSTANCES = 5  # per task, asked for and kept
 CLASSIFY_EXAMPLES = 12  # seed tasks shown by the classification check, half of each kind
-INSTANCE_EXAMPLES = 4  # seed tasks shown by an instance prompt
-EXAMPLE_CHARS = 600  # longer seed instances are not shown: the shared head stays short
+OUTPUT_FIRST_MAX_TOKENS = 300  # the original's limit for classification tasks (350 for the others)
 TASK_BOUNDARY = "\nTask:"  # where the next few-shot task would start: the model is done
 INSTANCE_STOP = [TASK_BOUNDARY, f"Example {MAX_INSTANCES + 1}"]
 CLASSIFY_SAMPLING = Sampling(temperature=0.0, top_p=1.0, max_tokens=3)  # the original's decoding
@@ -52,15 +52,6 @@ _FIELD_LINE = re.compile(r"^[ \t]*(?:Input|Output|Class label)[ \t]*:", re.MULTI
 class Instance:
     input: str
     output: str
-
-
-@dataclass(frozen=True)
-class FewShot:
-    """The seed tasks every prompt of one stage run shows."""
-
-    classify: tuple[Seed, ...]
-    input_first: tuple[Seed, ...]
-    output_first: tuple[Seed, ...]
 
 
 @dataclass(frozen=True)
@@ -86,25 +77,9 @@ def balanced_examples(rng: np.random.Generator, seeds: Sequence[Seed], count: in
     return picked
 
 
-def matching_examples(
-    rng: np.random.Generator, seeds: Sequence[Seed], count: int, classification: bool
-) -> list[Seed]:
-    """`count` short seeds of the prompt's kind; seeds of the other kind fill a short side."""
-    short = [s for s in seeds if s.output.strip() and len(s.input) + len(s.output) <= EXAMPLE_CHARS]
-    pool = short or list(seeds)
-    same = [s for s in pool if s.is_classification == classification]
-    other = [s for s in pool if s.is_classification != classification]
-    picked = _sample(rng, same, min(count, len(same)))
-    return picked + _sample(rng, other, min(count - len(picked), len(other)))
-
-
-def few_shot(seeds: Sequence[Seed], seed: int) -> FewShot:
-    rng = np.random.default_rng(seed)
-    return FewShot(
-        tuple(balanced_examples(rng, seeds, CLASSIFY_EXAMPLES)),
-        tuple(matching_examples(rng, seeds, INSTANCE_EXAMPLES, classification=False)),
-        tuple(matching_examples(rng, seeds, INSTANCE_EXAMPLES, classification=True)),
-    )
+def classify_examples(seeds: Sequence[Seed], seed: int) -> tuple[Seed, ...]:
+    """The classification check's examples, fixed by the synthesize seed."""
+    return tuple(balanced_examples(np.random.default_rng(seed), seeds, CLASSIFY_EXAMPLES))
 
 
 def classify_prompt(examples: Sequence[Seed], instruction: str) -> str:
@@ -118,30 +93,18 @@ def classify_prompt(examples: Sequence[Seed], instruction: str) -> str:
     )
 
 
-def input_first_block(instance: Instance) -> str:
-    """A seed's one instance, as the first example of its task."""
-    given = f"\nInput: {instance.input.strip()}" if instance.input.strip() else ""
-    return f"Example 1{given}\nOutput: {instance.output.strip()}"
-
-
-def output_first_block(instance: Instance) -> str:
-    given = f"\nInput: {instance.input.strip()}" if instance.input.strip() else ""
-    return f"Class label: {instance.output.strip()}{given}"
-
-
-def instance_prompt(shots: FewShot, instruction: str, classification: bool) -> str:
-    """Output-first for a classification task, input-first otherwise; each seed shows its one
-    instance. The model goes on after "Task: {instruction}" and stops at TASK_BOUNDARY."""
-    examples = shots.output_first if classification else shots.input_first
-    block = output_first_block if classification else input_first_block
-    shown = "\n\n".join(
-        f"Task: {normalize_instruction(s.instruction)}\n{block(Instance(s.input, s.output))}"
-        for s in examples
-    )
+def instance_prompt(instruction: str, classification: bool) -> str:
+    """Output-first for a classification task, input-first otherwise. The model goes on after
+    "Task: {instruction}" and stops at TASK_BOUNDARY."""
     name = "output_first" if classification else "input_first"
     return template(f"self_instruct_instances_{name}.txt").format(
-        examples=shown, instruction=normalize_instruction(instruction)
+        instruction=normalize_instruction(instruction)
     )
+
+
+def output_first_sampling(sampling: Sampling) -> Sampling:
+    """The instance decoding for classification tasks: their label-input pairs are shorter."""
+    return sampling.model_copy(update={"max_tokens": min(sampling.max_tokens, OUTPUT_FIRST_MAX_TOKENS)})
 
 
 # --- reading the completions ----------------------------------------------------------------------
@@ -234,26 +197,31 @@ def clean_instances(instances: Sequence[Instance]) -> tuple[list[Instance], Coun
 def generate_instances(
     engine: Engine, tasks: Sequence[Task], seeds: Sequence[Seed], sampling: Sampling, seed: int
 ) -> tuple[list[TaskInstances], Counter]:
-    """Steps 3-5 for every task: one batched classification check, one batched instance call.
-    Returns the instances of each task (in `tasks` order) and the count of dropped instances per
+    """Steps 3-5 for every task: one batched classification check, then one batched instance call
+    per kind (input-first, output-first). Returns the instances of each task (in `tasks` order) and the count of dropped instances per
     cause."""
-    shots = few_shot(seeds, seed)
+    examples = classify_examples(seeds, seed)
     answers = engine.generate(
-        [engine.prompt(TASKS, classify_prompt(shots.classify, t.instruction)) for t in tasks],
+        [engine.prompt(TASKS, classify_prompt(examples, t.instruction)) for t in tasks],
         CLASSIFY_SAMPLING,
         desc="classification check",
     )
     classification = [is_classification_answer(a.text) for a in answers]
-    completions = engine.generate(
-        [engine.prompt(TASKS, instance_prompt(shots, t.instruction, c))
-         for t, c in zip(tasks, classification)],
-        sampling,
-        stop=INSTANCE_STOP,
-        desc="instances",
-    )
+    completions = {}
+    for kind, kind_sampling in ((False, sampling), (True, output_first_sampling(sampling))):
+        chosen = [i for i, c in enumerate(classification) if c == kind]
+        found = engine.generate(
+            [engine.prompt(TASKS, instance_prompt(tasks[i].instruction, kind)) for i in chosen],
+            kind_sampling,
+            stop=INSTANCE_STOP,
+            desc="instances, output-first" if kind else "instances",
+        ) if chosen else []
+        for i, completion in zip(chosen, found):
+            completions[i] = completion
     drops: Counter = Counter()
     results = []
-    for completion, is_classification in zip(completions, classification):
+    for index, is_classification in enumerate(classification):
+        completion = completions[index]
         if completion.finish_reason == TOO_LONG:
             drops[TOO_LONG] += 1
         parse = parse_output_first if is_classification else parse_input_first
