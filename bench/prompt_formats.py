@@ -35,9 +35,9 @@ from selfalign.stages.assess import SCORE_PREFIX, request_text
 from selfalign.stages.text.dedup import rouge_l
 from selfalign.stages.models.engines import Engine, template
 from selfalign.stages.text.filters import instruction_rejection, response_rejection
-from selfalign.stages.text.instances import (CLASSIFY_SAMPLING, INSTANCE_STOP, clean_instances, few_shot,
-                                        instance_prompt, is_classification_answer, classify_prompt,
-                                        parse_input_first)
+from selfalign.stages.text.instances import (CLASSIFY_SAMPLING, INSTANCE_STOP, classify_examples,
+                                             classify_prompt, clean_instances, instance_prompt,
+                                             is_classification_answer, parse_input_first)
 from selfalign.stages.text.records import Candidate
 from selfalign.stages.synthesize import (ANSWER_SCHEMA, SELF_INSTRUCT_STOP, isheep_prompt,
                                          isheep_total, questions_schema, self_instruct_prompt)
@@ -46,6 +46,7 @@ from . import common
 
 TASK_SAMPLING = Sampling(temperature=0.7, top_p=0.5, max_tokens=200, presence_penalty=1.5)
 RESPONSE_SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_tokens=200)
+INSTANCE_SAMPLING = Sampling(temperature=0.0, top_p=1.0, max_tokens=350, presence_penalty=1.5)
 FORMS = ("raw", "chat")
 
 
@@ -74,7 +75,7 @@ def measure(engine: Engine, count: int, seed: int, out: Path) -> dict:
 
     shown_si = [rng.sample(seeds, 8) for _ in range(count)]
     shown_is = [rng.sample(seeds, 5) for _ in range(count)]
-    shots = few_shot(seeds, seed)
+    examples = classify_examples(seeds, seed)
     plain = [s for s in seeds if not s.is_classification]
     tasks = rng.sample(plain, count)
     for form in FORMS:
@@ -91,12 +92,12 @@ def measure(engine: Engine, count: int, seed: int, out: Path) -> dict:
         found = [new_tasks(parsing.alpaca_tasks(c.text, 6, c.truncated), [s.instruction for s in shown],
                            ["self-instruct", "isheep"]) for c, shown in zip(ish, shown_is)]
         row["isheep tasks"] = f"{sum(n > 0 for n in found)}/{count} prompts, {statistics.mean(found):.2f}/prompt"
-        cls = send("classify", form, [classify_prompt(shots.classify, t.instruction) for t in tasks],
+        cls = send("classify", form, [classify_prompt(examples, t.instruction) for t in tasks],
                    CLASSIFY_SAMPLING)
         answered = sum(c.text.strip().lower().startswith(("yes", "no")) for c in cls)
         row["classify answers Yes/No"] = f"{answered}/{count} ({sum(map(is_classification_answer, (c.text for c in cls)))} yes)"
-        inst = send("instances", form, [instance_prompt(shots, t.instruction, False) for t in tasks],
-                    RESPONSE_SAMPLING, stop=INSTANCE_STOP)
+        inst = send("instances", form, [instance_prompt(t.instruction, False) for t in tasks],
+                    INSTANCE_SAMPLING, stop=INSTANCE_STOP)
         clean = [len(clean_instances(parse_input_first(c.text, c.truncated)[0])[0]) for c in inst]
         row["instances"] = f"{sum(n > 0 for n in clean)}/{count} tasks, {statistics.mean(clean):.2f}/task"
         resp = send("response", form, [t.instruction for t in tasks], RESPONSE_SAMPLING)
