@@ -94,7 +94,8 @@ def check_vllm(model_dir: Path) -> tuple[str, str]:
         start = time.perf_counter()
         completions = engine.chat(chats, Sampling(temperature=0.7, top_p=0.95, max_tokens=256))
         seconds = time.perf_counter() - start
-        tokens = sum(len(engine.tokenizer(c.text, add_special_tokens=False)["input_ids"]) for c in completions)
+        encoded = engine.tokenizer([c.text for c in completions], add_special_tokens=False)["input_ids"]
+        tokens = sum(map(len, encoded))
         generate = f"{tokens / seconds:.0f} tokens/s ({len(completions)} completions, {tokens} tokens)"
         judge = [[{"role": "user", "content": f"Rate this answer from 1 to 5.\nQ: {q}\nA: {c.text}\nScore:"}]
                  for q, c in zip(questions(), completions)]
@@ -135,14 +136,16 @@ def check_merge(model_dir: Path, scratch: Path) -> str:
     from selfalign.stages import merge
     from selfalign.stages.runtime.context import StageContext
 
-    ctx = StageContext(stage="merge", spec=spec(model_dir, 2), round=0, run_uri=(scratch / "run-zero2").as_uri(),
-                       model=model_dir.as_uri(), scratch=str(scratch / "merge"))
+    ctx = StageContext(stage="merge", spec=spec(model_dir, 2), round=0,
+                       run_uri=(scratch / "run-zero2").as_uri(), model=model_dir.as_uri(),
+                       scratch=str(scratch / "merge"))
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     start = time.perf_counter()
     metrics = merge.run(ctx).metrics
     seconds = time.perf_counter() - start
-    return (f"{weights / seconds / 1e6:.0f} MB/s of weights ({seconds:.1f} s with the check), max |logit diff| "
-            f"{metrics['maxAbsLogitDiff']:.1e}, effect kept {metrics['mergedEffect']:.3g}/{metrics['adapterEffect']:.3g}")
+    return (f"{weights / seconds / 1e6:.0f} MB/s of weights ({seconds:.1f} s with the check), "
+            f"max |logit diff| {metrics['maxAbsLogitDiff']:.1e}, "
+            f"{metrics['effectKept']:.0%} of the adapter's effect kept")
 
 
 def check_faiss() -> str:

@@ -150,20 +150,20 @@ def test_bf16_model_passes_with_its_rounding_recorded(tiny_model_dir, tmp_path):
     metrics = merge.run(context(bf16_dir, run_uri, tmp_path)).metrics
     assert metrics["dtype"] == "bfloat16"
     assert metrics["maxAbsLogitDiff"] > metrics["tolerance"]  # rounding, far above a merge's error
-    assert metrics["mergedEffect"] >= merge.MIN_EFFECT_KEPT * metrics["adapterEffect"] > 0
+    assert metrics["effectKept"] >= merge.MIN_EFFECT_KEPT and metrics["adapterEffect"] > 0
 
 
 def test_an_adapter_lost_to_bf16_rounding_fails_and_publishes_nothing(tiny_model_dir, tmp_path):
     """An update far below bf16's precision: the merged weights round back to the base weights (all
     but those near zero), so the next round would train from the same model. Float32 sees the
-    effect; the stage fails. (Measured on this model, kept share of the effect by adapter strength:
-    1e-3 all, 1e-4 about half, 1e-5 16%, 1e-6 8%.)"""
+    effect; the stage fails. (Measured on this model, the share kept by adapter strength: 1e-3 93%,
+    1e-4 11%, 1e-5 and 1e-6 about 0.)"""
     bf16_dir = bf16_copy(tiny_model_dir, tmp_path / "bf16-model")
     run_uri = (tmp_path / "run").as_uri()
     publish_adapter(bf16_dir, run_uri, tmp_path, strength=1e-6)
-    with pytest.raises(StageError, match=r"adapter's effect is lost to rounding to bfloat16: it changes the "
-                                         r"probe logits by up to .* in float32, the merged weights by .* "
-                                         r"\(< 0.5 of it\)"):
+    with pytest.raises(StageError, match=r"adapter's effect is lost to rounding to bfloat16: the merged weights "
+                                         r"keep \d+% of its change of the probe logits \(up to .* in float32\), "
+                                         r"under 25%"):
         merge.run(context(bf16_dir, run_uri, tmp_path))
     assert storage.list_uris(f"{run_uri}/models/round-1") == []
 
@@ -173,8 +173,7 @@ def test_a_float32_model_keeps_a_small_update(tiny_model_dir, tmp_path):
     run_uri = (tmp_path / "run").as_uri()
     publish_adapter(tiny_model_dir, run_uri, tmp_path, strength=1e-6)
     metrics = merge.run(context(tiny_model_dir, run_uri, tmp_path)).metrics
-    assert metrics["mergedEffect"] == pytest.approx(metrics["adapterEffect"], rel=0.1)
-    assert metrics["adapterEffect"] > 0
+    assert metrics["effectKept"] == pytest.approx(1, abs=0.05) and metrics["adapterEffect"] > 0
 
 
 def test_the_probe_is_cut_at_max_seq_length(tiny_model_dir, tmp_path):
