@@ -36,15 +36,18 @@ class Kube:
         self.custom = kubernetes.client.CustomObjectsApi(api)
         self.core = kubernetes.client.CoreV1Api(api)
         self.batch = kubernetes.client.BatchV1Api(api)
+        self.networking = kubernetes.client.NetworkingV1Api(api)
         self._create: dict[str, Callable[..., Any]] = {
             "Job": self.batch.create_namespaced_job,
             "Service": self.core.create_namespaced_service,
             "ConfigMap": self.core.create_namespaced_config_map,
+            "NetworkPolicy": self.networking.create_namespaced_network_policy,
         }
         self._read: dict[str, Callable[..., Any]] = {
             "Job": self.batch.read_namespaced_job,
             "Service": self.core.read_namespaced_service,
             "ConfigMap": self.core.read_namespaced_config_map,
+            "NetworkPolicy": self.networking.read_namespaced_network_policy,
         }
 
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:

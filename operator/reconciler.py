@@ -28,7 +28,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from . import metrics
-from .jobs import build_config_map, build_stage_objects, owner_reference
+from .jobs import build_config_map, build_network_policy, build_stage_objects, owner_reference
 from .kube import INVALID, Kube, compare_resource_versions
 from .naming import config_map_name
 from .observe import SUSPENDED_BY, SUSPENDED_BY_RUN, controller_uid, observe_foreign, observe_jobs
@@ -96,6 +96,7 @@ class Reconciler:
         self._expected: dict[tuple[str, str], tuple[float, str]] = {}  # (namespace, Job) -> when, by which run uid
         self._written: dict[tuple[str, str], dict[str, Any]] = {}  # run -> as our last status write stored it
         self._config_maps: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}  # (ns, ConfigMap) -> run uid, data
+        self._policies: dict[tuple[str, str], str] = {}  # run -> uid of the run its NetworkPolicy exists for
         self._specs: dict[tuple[str, str], tuple[tuple, RunSpec | SpecError]] = {}  # run -> (uid, generation), spec
         self._refused: dict[tuple[str, str], dict[str, tuple[float, JobObservation]]] = {}  # run -> Job -> when, why
         self._failures: dict[tuple[str, str], int] = {}  # run -> failed passes in a row
@@ -252,6 +253,7 @@ class Reconciler:
                 self._refused.pop(key, None)
                 self._failures.pop(key, None)
                 self._config_maps.pop((namespace, config_map_name(name)), None)
+                self._policies.pop(key, None)
                 return None
             if written is None:
                 return watched
@@ -278,8 +280,9 @@ class Reconciler:
         created = False
         try:
             self._apply_config_map(build_config_map(spec, namespace=namespace, run_name=name, owner=owner), uid)
+            self._ensure_network_policy(namespace, name, owner, uid)
             for obj in build_stage_objects(spec, job, namespace=namespace, run_name=name, owner=owner,
-                                           settings=self.settings):
+                                           settings=self.settings, labels_of_run=run["metadata"].get("labels")):
                 if self._create(obj, uid) and obj["kind"] == "Job":
                     created = True
         except (ApiException, Taken) as exc:
@@ -374,6 +377,18 @@ class Reconciler:
             self.kube.update_config_map(config_map)
         with self._guard:
             self._config_maps[key] = (uid, data)
+
+    def _ensure_network_policy(self, namespace: str, name: str, owner: dict, uid: str) -> None:
+        """Create the run's NetworkPolicy (when the chart asks for one) once per run: it depends
+        on the run's name only, never on its spec."""
+        with self._guard:
+            if self._policies.get((namespace, name)) == uid:
+                return
+        policy = build_network_policy(namespace=namespace, run_name=name, owner=owner, settings=self.settings)
+        if policy is not None:
+            self._create(policy, uid)
+        with self._guard:
+            self._policies[(namespace, name)] = uid
 
     def _is_expected(self, key: tuple[str, str], uid: str) -> bool:
         """Created by this run lately (a Job of an earlier run of the same name is not)."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 
-from selfalign.operator.naming import job_name
+import pytest
+
+from selfalign.operator.naming import LABEL_RUN, job_name
 from selfalign.operator.spec import STAGES
-from tests.fixtures.kube import NS, api
+from tests.fixtures.kube import NS, RUNS, api, run_manifest
 from tests.test_operator import expected_jobs, run_spec
 
 SECRETS = f"/api/v1/namespaces/{NS}/secrets"
@@ -66,3 +68,32 @@ async def test_a_secret_given_by_the_pod_template_reaches_the_stage_process(clus
     coverage = stages["coverage"]
     assert (coverage["reason"], coverage["attempts"]) == ("PodFailurePolicy", 1)
     assert "fake failure" in coverage["message"]
+
+
+@pytest.fixture
+def network_policy(monkeypatch) -> None:
+    """The chart's stages.networkPolicy, as the operator's env carries it (egress left open)."""
+    monkeypatch.setenv("SELFALIGN_NETWORK_POLICY", '{"egress": null}')
+
+
+async def test_a_run_gets_its_network_policy_and_its_jobs_its_priority_class(network_policy, cluster):
+    manifest = run_manifest("guarded", run_spec(rounds=1))
+    manifest["metadata"]["labels"] = {"kueue.x-k8s.io/priority-class": "research-high", "team": "nlp"}
+    await api(cluster.emulator, "POST", RUNS, manifest)
+    status = await cluster.wait_phase("guarded", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status.get("message")
+    (policy,) = cluster.emulator.list_objects("networking.k8s.io/v1/networkpolicies")
+    assert policy["metadata"]["name"] == "guarded"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == cluster.run("guarded")["metadata"]["uid"]
+    assert policy["spec"]["podSelector"]["matchLabels"][LABEL_RUN] == "guarded"
+    posts = [r for r in cluster.operator_requests() if r.resource == "networking.k8s.io/v1/networkpolicies"]
+    assert len(posts) == 1  # once per run, not once per stage
+    for job in cluster.jobs("guarded"):
+        labels = job["metadata"]["labels"]
+        assert labels["kueue.x-k8s.io/priority-class"] == "research-high" and "team" not in labels
+
+
+async def test_no_network_policy_unless_the_chart_asks(cluster):
+    await cluster.create_run("open", run_spec(rounds=1))
+    await cluster.wait_phase("open", "Succeeded", "Failed")
+    assert cluster.emulator.list_objects("networking.k8s.io/v1/networkpolicies") == []

@@ -95,6 +95,10 @@ operator/*.py (tests/test_chart.py derives those calls from the code and compare
 - apiGroups: [""]
   resources: [services]
   verbs: [get, create]
+# The run's NetworkPolicy (stages.networkPolicy), created once (read on a 409: whose it is).
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create]
 # Events on runs: transitions and failures.
 - apiGroups: [""]
   resources: [events]
