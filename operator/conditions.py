@@ -2,6 +2,11 @@
 
 Mirrors apimachinery's `meta.SetStatusCondition`: `lastTransitionTime` moves only when the
 condition's status flips, so GitOps tools (kstatus, Argo CD) see stable conditions.
+
+`Reconciling` and `Stalled` are the two types kstatus reads (sigs.k8s.io/cli-utils
+pkg/kstatus/status/generic.go): Reconciling True is InProgress, Stalled True is Failed, and with
+`status.observedGeneration` equal to `metadata.generation` and neither True the run is Current.
+Flux's health checks and `kubectl wait --for=condition=Ready` read them; Argo CD reads health.lua.
 """
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ PROGRESSING = "Progressing"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
-CONDITION_TYPES = (READY, PROGRESSING, SUCCEEDED, FAILED, SUSPENDED)
+RECONCILING = "Reconciling"  # kstatus: a stage is pending, queued, waiting or running
+STALLED = "Stalled"  # kstatus: failed; only a spec change (retry, a fix) moves it on
+CONDITION_TYPES = (READY, PROGRESSING, SUCCEEDED, FAILED, SUSPENDED, RECONCILING, STALLED)
 
 # Reasons (CamelCase, as Kubernetes expects).
 STARTING = "Starting"

@@ -457,6 +457,8 @@ def _set_phase(new, conds, phase: str, reason: str, message: str, generation: in
     new["phase"], new["message"] = phase, message
     c.set_condition(conds, c.READY, phase == SUCCEEDED, reason, message, generation, ts)
     c.set_condition(conds, c.PROGRESSING, phase == RUNNING, reason, message, generation, ts)
+    c.set_condition(conds, c.RECONCILING, phase == RUNNING, reason, message, generation, ts)
+    c.set_condition(conds, c.STALLED, phase == FAILED, reason, message, generation, ts)
     c.set_condition(conds, c.SUCCEEDED, phase == SUCCEEDED, reason, message, generation, ts)
     c.set_condition(conds, c.FAILED, phase == FAILED, reason, message, generation, ts)
     c.set_condition(conds, c.SUSPENDED, phase == SUSPENDED,

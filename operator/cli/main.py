@@ -94,7 +94,9 @@ def _coverage(args: argparse.Namespace) -> int:
 
 def _operator(args: argparse.Namespace) -> int:
     from ..handlers import run_operator
+    from ..logging_setup import configure_logging
 
+    configure_logging(args.log_format)
     run_operator(namespaces=args.namespace or None, peering=args.peering, liveness=args.liveness,
                  metrics_port=args.metrics_port)
     return 0
@@ -229,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("SELFALIGN_METRICS_PORT", "8080")),
                    help="Prometheus /metrics port (0 disables)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object per line (level, logger, message, namespace, run)")
     p.set_defaults(func=_operator)
     return parser
 
