@@ -23,15 +23,22 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
+import random
 import statistics
 import sys
 
+from scipy.stats import spearmanr
+
 from selfalign.operator.spec import Sampling
+from selfalign.stages import assess as assess_stage
 from selfalign.stages.runtime import builtin
 from selfalign.stages.text import records
+from selfalign.stages.text.prompting import JUDGE
+from selfalign.stages.text.records import Candidate
 from selfalign.stages.models.engines import template
 
-from . import common
+from . import common, real_model
+from .synthesize import real_spec
 
 JUDGMENT = Sampling(temperature=1.0, top_p=1.0, max_tokens=64)  # I-SHEEP: sampled at temperature 1
 _LEADING_NUMBER = re.compile(r"\s*(\d+)")
@@ -57,7 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timings of each way (median reported)")
+    parser.add_argument("--real-model", action="store_true",
+                        help="the stage's judge on SmolLM2 against bare vLLM, and against free-text judging")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.real_model:
+        spec = real_spec(16, 16, 96)  # examples/smol.yaml's engine settings and chat mode
+        candidates = real_candidates(args.items, args.seed)
+        common.header("assess: the stage's judge vs bare vLLM, and label probabilities vs free-text judging, "
+                      "SmolLM2-135M-Instruct", common.VLLM_PACKAGES)
+        return real_model.run_on_real_engine(spec, lambda engine: measure_real(engine, candidates, args.repeats),
+                                             seed=args.seed)
 
     common.header("assess: Engine.score (label probabilities) vs 64-token judgment + parse (I-SHEEP)",
                   common.VLLM_PACKAGES)
@@ -99,6 +116,79 @@ def measure(engine, prompts: list[str], repeats: int) -> int:
                                       f"before renormalising {mass:.3g}")
     common.line("reference judgments, first two", repr([c.text[:60] for c in judgments[:2]]))
     common.ratio(slow.wall / fast.wall)
+    return 0
+
+
+def real_candidates(count: int, seed: int) -> list[Candidate]:
+    """`count` seed tasks with their own output, then the same tasks each with the next one's."""
+    tasks = random.Random(seed).sample(records.load_seeds(builtin.data_path("self-instruct-seeds").as_uri()), count)
+    own = [Candidate(f"own-{i}", t.instruction, t.input, t.output, "isheep", 0, "") for i, t in enumerate(tasks)]
+    swapped = [Candidate(f"swapped-{i}", t.instruction, t.input, tasks[(i + 1) % count].output, "isheep", 0, "")
+               for i, t in enumerate(tasks)]
+    return own + swapped
+
+
+def own_wins(scores: list[float | None]) -> str:
+    """How often the first half (own outputs) outscores the second (swapped): a tie counts half,
+    a pair with an unparsed score is left out."""
+    half = len(scores) // 2
+    pairs = [(a, b) for a, b in zip(scores[:half], scores[half:]) if a is not None and b is not None]
+    if not pairs:
+        return "no pair scored"
+    return f"{sum((a > b) + 0.5 * (a == b) for a, b in pairs) / len(pairs):.2f} over {len(pairs)} pairs"
+
+
+def measure_real(engine, candidates: list[Candidate], repeats: int) -> int:
+    quality = [engine.prompt(JUDGE, template("judge_quality.txt").format(
+        request=assess_stage.request_text(c), response=c.output), assess_stage.SCORE_PREFIX) for c in candidates]
+    common.line("items", f"{len(candidates)} candidates: {len(candidates) // 2} seed tasks with their own output "
+                         f"and with another's; judged on quality and following (the stage's judge_*.txt)")
+    assess_stage.judge(engine, candidates[:2])  # warm-up
+    engine.generate(quality[:2], JUDGMENT, desc="warm-up")
+    rates, bare_rates, ratios, outside, stage_timings, bare_timings = [], [], [], [], [], []
+    label_s, free_s, parse, rho = [], [], [], []
+    for repeat in range(repeats):
+        _, timing, calls = real_model.recorded(engine, lambda: assess_stage.judge(engine, candidates))
+        outputs, bare = real_model.replay(engine, calls)
+        judged = 2 * len(candidates)
+        stage_timings.append(timing)
+        bare_timings.append(bare)
+        rates.append(judged / timing.wall)
+        bare_rates.append(judged / bare.wall)
+        ratios.append(bare.wall / timing.wall)
+        outside.append(timing.wall - sum(c.wall for c in calls))
+        tokens = real_model.prompt_tokens([c.outputs for c in calls])
+        distributions, labels = common.uncached(engine, lambda: engine.score(quality, desc="label probabilities"))
+        judgments, free = common.uncached(engine, lambda: engine.generate(quality, JUDGMENT, desc="free-text judge"))
+        expected = [d.expected if d else None for d in distributions]
+        sampled = [leading_score(c.text) for c in judgments]
+        both = [(e, s) for e, s in zip(expected, sampled) if e is not None and s is not None]
+        label_s.append(labels.wall / len(quality))
+        free_s.append(free.wall / len(quality))
+        parse.append(sum(s is not None for s in sampled) / len(sampled))
+        rho.append(spearmanr(*zip(*both)).statistic if len(both) > 2 else float("nan"))
+        common.line(f"repeat {repeat + 1}", f"stage calls (requests) {[len(c.prompts) for c in calls]}, prompt tokens "
+                                           f"{tokens}, identical log-probabilities "
+                                           f"{real_model.same_outputs(calls, outputs)}; stage {rates[-1]:.2f} judged "
+                                           f"prompts/s ({tokens / timing.wall:.0f} prompt tokens/s), bare "
+                                           f"{bare_rates[-1]:.2f} ({tokens / bare.wall:.0f} prompt tokens/s); free text "
+                                           f"parsed {parse[-1]:.0%}, own > swapped: label probabilities "
+                                           f"{own_wins(expected)}, free text {own_wins(sampled)}")
+    common.line("stage judge (its functions on Engine)", common.describe(stage_timings))
+    common.line("bare vLLM (same requests)", common.describe(bare_timings))
+    common.line("stage throughput", real_model.spread(rates, "judged prompts/s", 2))
+    common.line("bare throughput", real_model.spread(bare_rates, "judged prompts/s", 2))
+    common.line("stage time outside vLLM calls", real_model.spread(outside, "s", 2))
+    common.line("label probabilities (quality)", f"scored {sum(e is not None for e in expected)} of {len(quality)}, "
+                                                 f"mean label mass {statistics.mean(d.mass for d in distributions if d):.3f}; "
+                                                 + real_model.spread(label_s, "s per item", 3))
+    common.line("free-text judging (quality)", f"parse rate {real_model.spread([100 * p for p in parse], '%', 0)}; "
+                                               + real_model.spread(free_s, "s per item", 3))
+    common.line("agreement", "Spearman of sampled vs expected score " + real_model.spread(rho, "", 2)
+                + "; first judgments " + repr([c.text[:40] for c in judgments[:2]]))
+    common.line("goal", "stage keeps >= 90% of the bare engine's judged prompts/s: "
+                        + ("met" if statistics.median(ratios) >= 0.9 else "NOT met"))
+    common.ratio(statistics.median(ratios))
     return 0
 
 

@@ -19,7 +19,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from bench import assess, common, coverage, dedup, operator, synthesize
+from bench import assess, common, coverage, dedup, operator, real_model, synthesize
 from selfalign.stages.vectors import coverage_report  # noqa: E402
 
 RATIO = re.compile(r"ratio: (\d+\.\d\d)")
@@ -100,12 +100,13 @@ def test_coverage_benchmark_runs_end_to_end(capsys):
 
 def test_operator_benchmark_measures_every_transition_in_both_loads(capsys):
     assert operator.main(["--runs", "1", "--rounds", "1", "--stage-seconds", "0.1", "0.3",
-                          "--capacity-runs", "2", "--timeout", "120"]) == 0
+                          "--capacity-runs", "2", "--repeats", "2", "--timeout", "120"]) == 0
     out = capsys.readouterr().out
-    assert "R=1 paced: 4 transitions (5 Jobs)" in out
-    assert "R=2 lockstep: 8 transitions (10 Jobs)" in out
+    assert "R=1 paced #1: 4 transitions (5 Jobs)" in out and "R=1 paced #2: 4 transitions (5 Jobs)" in out
+    assert "R=2 lockstep #1: 8 transitions (10 Jobs)" in out
     assert "selfalign_job_gap_seconds: 4 observed" in out and "selfalign_job_gap_seconds: 8 observed" in out
-    assert "goal: p95 < 0.5 s at R=1, paced" in out
+    assert "R=1 #1 where the reaction went: seen -> pass start" in out and "create 5x" in out
+    assert "R=1 paced, median of 2: p95 gap" in out and "load average before/after" in out
     assert final_ratio(out) > 0
 
 
@@ -136,4 +137,76 @@ def test_synthesize_benchmark_compares_batched_and_single_calls(engine, capsys):
     assert synthesize.measure(engine, synthesize.prompts(3, seed=0), repeats=1) == 0
     out = capsys.readouterr().out
     assert "identical completions batched vs one by one" in out
+    assert final_ratio(out) > 0
+
+
+# --- the real-model rows: SmolLM2 is never started here; their code runs on the tiny engine -------
+
+
+def test_real_spec_is_the_smol_example_sized():
+    spec = synthesize.real_spec(instructions=5, prompts=7, max_tokens=96)
+    syn = spec.synthesize
+    assert (spec.recipe, spec.model.base) == ("isheep", "builtin://smollm2-135m-instruct")
+    assert (syn.instructions_per_round, syn.max_prompts) == (5, 7)
+    assert (syn.instruction_sampling.temperature, syn.instruction_sampling.max_tokens) == (0.8, 96)
+    assert syn.instruction_sampling.presence_penalty == 1.0  # the example's, not capped
+    assert synthesize.real_spec(5, 7, 10_000).synthesize.response_sampling.max_tokens == 192  # a cap only
+
+
+@pytest.mark.parametrize("bench, argv", [(synthesize, ["--real-model", "--prompts", "7", "--instructions", "5"]),
+                                          (assess, ["--real-model", "--items", "3"])])
+def test_real_model_flag_plans_the_smol_engine_without_starting_it(monkeypatch, capsys, bench, argv):
+    planned = {}
+
+    def no_engine(spec, measure, seed=0):
+        planned.update(spec=spec, seed=seed)
+        return 0
+
+    monkeypatch.setattr(real_model, "run_on_real_engine", no_engine)
+    assert bench.main(argv) == 0
+    assert planned["spec"].model.base == "builtin://smollm2-135m-instruct"
+    assert "SmolLM2-135M-Instruct" in capsys.readouterr().out
+
+
+def test_real_candidates_pair_each_task_with_its_own_and_another_output():
+    found = assess.real_candidates(3, seed=0)
+    own, swapped = found[:3], found[3:]
+    assert [c.instruction for c in own] == [c.instruction for c in swapped]
+    assert [c.output for c in swapped] == [c.output for c in own[1:] + own[:1]]
+
+
+@pytest.mark.parametrize("scores, share", [([9, 5, 5, 5], "0.75 over 2 pairs"), ([9, None, 1, 3], "1.00 over 1 pairs"),
+                                           ([None, 1], "no pair scored")])
+def test_own_wins_counts_ties_half_and_skips_unparsed(scores, share):
+    assert assess.own_wins(scores) == share
+
+
+@pytest.mark.slow
+def test_replay_sends_the_recorded_requests_to_bare_vllm(engine):
+    """The bare side gets the stage's very requests: same seeds, so the same tokens come back."""
+    sampling = synthesize.Sampling(temperature=0.9, top_p=0.9, max_tokens=8)
+    found, _, calls = real_model.recorded(engine, lambda: engine.generate(["1. Write", "2. List"], sampling))
+    assert [len(c.prompts) for c in calls] == [2] and [c.params[0].seed for c in calls][0] is not None
+    outputs, _ = real_model.replay(engine, calls)
+    assert real_model.texts(outputs) == [c.text for c in found]
+    assert real_model.same_outputs(calls, outputs) == "2 of 2"
+    assert real_model.generated_tokens(outputs) == real_model.generated_tokens([c.outputs for c in calls]) > 0
+    assert not isinstance(engine.llm, real_model.Recorder)  # put back
+
+
+@pytest.mark.slow
+def test_synthesize_real_row_compares_the_stage_with_bare_vllm(engine, capsys):
+    spec = synthesize.real_spec(instructions=2, prompts=2, max_tokens=16)
+    assert synthesize.measure_real(engine, spec, repeats=1) == 0
+    out = capsys.readouterr().out
+    assert "bare throughput:" in out and "stage time outside vLLM calls:" in out
+    assert final_ratio(out) > 0
+
+
+@pytest.mark.slow
+def test_assess_real_rows_compare_bare_vllm_and_free_text(engine, capsys):
+    assert assess.measure_real(engine, assess.real_candidates(2, seed=0), repeats=1) == 0
+    out = capsys.readouterr().out
+    assert "identical log-probabilities 8 of 8" in out  # 4 candidates x 2 criteria, depth 0 alone
+    assert "free-text judging (quality): parse rate" in out
     assert final_ratio(out) > 0
