@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from selfalign.operator import metrics
 from selfalign.operator.planner import JobObservation, plan
+from selfalign.operator.settings import OperatorSettings
 from selfalign.operator.spec import parse_spec
 
 T0 = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
@@ -39,48 +40,50 @@ def scrape(url: str) -> dict[tuple[str, frozenset], float]:
 
 def delta(before, after, name, **labels) -> float:
     key = (name, frozenset(labels.items()))
-    return after[key] - before.get(key, 0.0)
+    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def test_transitions_are_counted_per_phase_pair(metrics_url):
     before = scrape(metrics_url)
-    metrics.record_transition(None, "Pending")
-    metrics.record_transition("Pending", "Running")
-    metrics.record_transition("Pending", "Running")
+    metrics.record_transition("team-a", None, "Pending")
+    metrics.record_transition("team-a", "Pending", "Running")
+    metrics.record_transition("team-a", "Pending", "Running")
+    metrics.record_transition("team-b", "Pending", "Running")
     after = scrape(metrics_url)
     name = "selfalign_run_transitions_total"
-    assert delta(before, after, name, from_phase="None", to_phase="Pending") == 1
-    assert delta(before, after, name, from_phase="Pending", to_phase="Running") == 2
+    assert delta(before, after, name, namespace="team-a", from_phase="None", to_phase="Pending") == 1
+    assert delta(before, after, name, namespace="team-a", from_phase="Pending", to_phase="Running") == 2
+    assert delta(before, after, name, namespace="team-b", from_phase="Pending", to_phase="Running") == 1
 
 
 def test_stage_duration_lands_in_its_bucket(metrics_url):
     before = scrape(metrics_url)
-    metrics.observe_stage_duration("train", 125.0)
+    metrics.observe_stage_duration("ns", "train", 125.0)
     after = scrape(metrics_url)
     name = "selfalign_stage_duration_seconds"
-    assert delta(before, after, f"{name}_count", stage="train") == 1
-    assert delta(before, after, f"{name}_sum", stage="train") == 125.0
-    assert delta(before, after, f"{name}_bucket", stage="train", le="120.0") == 0
-    assert delta(before, after, f"{name}_bucket", stage="train", le="300.0") == 1
+    assert delta(before, after, f"{name}_count", namespace="ns", stage="train") == 1
+    assert delta(before, after, f"{name}_sum", namespace="ns", stage="train") == 125.0
+    assert delta(before, after, f"{name}_bucket", namespace="ns", stage="train", le="120.0") == 0
+    assert delta(before, after, f"{name}_bucket", namespace="ns", stage="train", le="300.0") == 1
 
 
 def test_job_gap_counts_and_clamps_clock_skew_to_zero(metrics_url):
     before = scrape(metrics_url)
-    metrics.observe_job_gap(0.3)
-    metrics.observe_job_gap(-0.2)
+    metrics.observe_job_gap("ns", 0.3)
+    metrics.observe_job_gap("ns", -0.2)
     after = scrape(metrics_url)
     name = "selfalign_job_gap_seconds"
-    assert delta(before, after, f"{name}_count") == 2
-    assert delta(before, after, f"{name}_sum") == pytest.approx(0.3)
-    assert delta(before, after, f"{name}_bucket", le="0.05") == 1
-    assert delta(before, after, f"{name}_bucket", le="0.5") == 2
+    assert delta(before, after, f"{name}_count", namespace="ns") == 2
+    assert delta(before, after, f"{name}_sum", namespace="ns") == pytest.approx(0.3)
+    assert delta(before, after, f"{name}_bucket", namespace="ns", le="0.05") == 1
+    assert delta(before, after, f"{name}_bucket", namespace="ns", le="0.5") == 2
 
 
 def test_reconcile_errors_count(metrics_url):
     before = scrape(metrics_url)
-    metrics.record_reconcile_error()
+    metrics.record_reconcile_error("ns")
     after = scrape(metrics_url)
-    assert delta(before, after, "selfalign_reconcile_errors_total") == 1
+    assert delta(before, after, "selfalign_reconcile_errors_total", namespace="ns") == 1
 
 
 def test_runs_by_phase_resets_phases_that_emptied(metrics_url):
@@ -97,8 +100,8 @@ def test_runs_by_phase_resets_phases_that_emptied(metrics_url):
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: metrics.record_transition("Pending", "Exploded"),
-        lambda: metrics.observe_stage_duration("distill", 1.0),
+        lambda: metrics.record_transition("ns", "Pending", "Exploded"),
+        lambda: metrics.observe_stage_duration("ns", "distill", 1.0),
         lambda: metrics.set_runs_by_phase({"Lost": 1}),
     ],
     ids=["phase", "stage", "phase-count"],
@@ -115,33 +118,34 @@ def test_status_changes_from_the_planner_become_transitions_durations_and_gaps(m
                        "coverage": {"reference": "s3://d/ref.jsonl"}})
     before = scrape(metrics_url)
     first = plan(spec, None, {}, T0, namespace="ns", name="camp", generation=1)
-    metrics.record_status_change(None, first.status)
+    metrics.record_status_change(None, first.status, namespace="ns")
     (job,) = first.jobs
     finished = JobObservation(job.name, 0, "synthesize", "Succeeded", result={},
                               start_time="2026-11-21T12:00:05Z", completion_time="2026-11-21T12:01:35Z")
     second = plan(spec, first.status, {job.name: finished}, T0 + timedelta(minutes=2),
                   namespace="ns", name="camp", generation=1)
-    metrics.record_status_change(first.status, second.status)
-    metrics.record_status_change(second.status, second.status)  # a repeated pass adds nothing
+    metrics.record_status_change(first.status, second.status, namespace="ns")
+    metrics.record_status_change(second.status, second.status, namespace="ns")  # a repeated pass adds nothing
     created_at = datetime(2026, 11, 21, 12, 1, 36, tzinfo=timezone.utc)
-    metrics.observe_job_created(second.status, created_at)
+    metrics.observe_job_created(second.status, created_at, namespace="ns")
     after = scrape(metrics_url)
 
     phase = first.status["phase"]
-    assert delta(before, after, "selfalign_run_transitions_total", from_phase="None", to_phase=phase) == 1
+    assert delta(before, after, "selfalign_run_transitions_total", namespace="ns", from_phase="None",
+                 to_phase=phase) == 1
     duration = "selfalign_stage_duration_seconds"
-    assert delta(before, after, f"{duration}_count", stage="synthesize") == 1
-    assert delta(before, after, f"{duration}_sum", stage="synthesize") == 90.0
-    assert delta(before, after, "selfalign_job_gap_seconds_count") == 1
-    assert delta(before, after, "selfalign_job_gap_seconds_sum") == pytest.approx(1.0)
+    assert delta(before, after, f"{duration}_count", namespace="ns", stage="synthesize") == 1
+    assert delta(before, after, f"{duration}_sum", namespace="ns", stage="synthesize") == 90.0
+    assert delta(before, after, "selfalign_job_gap_seconds_count", namespace="ns") == 1
+    assert delta(before, after, "selfalign_job_gap_seconds_sum", namespace="ns") == pytest.approx(1.0)
 
 
 def test_no_gap_before_the_first_stage_finished(metrics_url):
     before = scrape(metrics_url)
     running = {"rounds": [{"round": 0, "stages": {"synthesize": {"phase": "Running"}}}]}
-    metrics.observe_job_created(running, T0)
+    metrics.observe_job_created(running, T0, namespace="ns")
     after = scrape(metrics_url)
-    assert delta(before, after, "selfalign_job_gap_seconds_count") == 0
+    assert delta(before, after, "selfalign_job_gap_seconds_count", namespace="ns") == 0
 
 
 def test_a_stages_queue_time_is_observed_apart_from_its_running_time(metrics_url):
@@ -160,9 +164,93 @@ def test_a_stages_queue_time_is_observed_apart_from_its_running_time(metrics_url
     for minute, seen in enumerate(steps, start=1):
         new = plan(spec, status, {job.name: seen}, T0 + timedelta(minutes=10 * minute), namespace="ns", name="kq",
                    generation=1).status
-        metrics.record_status_change(status, new)
+        metrics.record_status_change(status, new, namespace="kueue")
         status = new
     after = scrape(metrics_url)
-    assert delta(before, after, "selfalign_stage_duration_seconds_sum", stage="synthesize") == 90.0
-    assert delta(before, after, "selfalign_stage_queued_seconds_count", stage="synthesize") == 1
-    assert delta(before, after, "selfalign_stage_queued_seconds_sum", stage="synthesize") == 600.0
+    assert delta(before, after, "selfalign_stage_duration_seconds_sum", namespace="kueue", stage="synthesize") == 90.0
+    assert delta(before, after, "selfalign_stage_queued_seconds_count", namespace="kueue", stage="synthesize") == 1
+    assert delta(before, after, "selfalign_stage_queued_seconds_sum", namespace="kueue", stage="synthesize") == 600.0
+
+
+RAW_SPEC = {"recipe": "isheep", "rounds": 2, "model": {"base": "s3://m/base"}, "seeds": "s3://d/seeds.jsonl",
+            "storage": {"uri": "s3://b/runs"}, "coverage": {"reference": "s3://d/ref.jsonl"}}
+
+
+def run_body(namespace, name, status, spec=RAW_SPEC):
+    return {"metadata": {"namespace": namespace, "name": name, "generation": 1}, "spec": spec, "status": status}
+
+
+@pytest.fixture
+def tracked(metrics_url):
+    """The collector over a list the test changes (kopf's index, in the operator)."""
+    runs: list[dict] = []
+    settings = OperatorSettings(stage_resources={"synthesize": {"activeDeadlineSeconds": 7200}})
+    collector = metrics.track_runs(lambda: runs, settings)
+    yield runs
+    metrics.REGISTRY.unregister(collector)
+
+
+def series(scraped, name):
+    return {labels: value for (metric, labels), value in scraped.items() if metric == name}
+
+
+def test_a_running_run_has_its_phase_round_stage_start_and_deadline_labelled_by_namespace_and_run(
+        metrics_url, tracked):
+    spec = parse_spec(RAW_SPEC)
+    first = plan(spec, None, {}, T0, namespace="team-a", name="camp", generation=1)
+    (job,) = first.jobs
+    running = plan(spec, first.status, {job.name: JobObservation(job.name, 0, "synthesize", "Active",
+                                                                  start_time="2026-11-21T12:00:05Z")},
+                   T0 + timedelta(seconds=10), namespace="team-a", name="camp", generation=1).status
+    tracked.append(run_body("team-a", "camp", running))
+    scraped = scrape(metrics_url)
+    where = {("namespace", "team-a"), ("run", "camp")}
+    assert series(scraped, "selfalign_run_phase") == {frozenset(where | {("phase", "Running")}): 1}
+    assert series(scraped, "selfalign_run_round") == {frozenset(where): 1}
+    started = datetime(2026, 11, 21, 12, 0, 5, tzinfo=timezone.utc).timestamp()
+    assert series(scraped, "selfalign_stage_since_timestamp_seconds") == {
+        frozenset(where | {("stage", "synthesize"), ("state", "Running")}): started}
+    # The chart's default (OperatorSettings), as the Job gets it.
+    assert series(scraped, "selfalign_stage_deadline_seconds") == {
+        frozenset(where | {("stage", "synthesize")}): 7200}
+
+
+def test_a_queued_stage_says_since_when_and_why_it_waits(metrics_url, tracked):
+    spec = parse_spec(RAW_SPEC)
+    first = plan(spec, None, {}, T0, namespace="team-b", name="kq", generation=1)
+    (job,) = first.jobs
+    queued = plan(spec, first.status, {job.name: JobObservation(job.name, 0, "synthesize", "Queued",
+                                                                 suspended_at="2026-11-21T12:00:01Z")},
+                  T0 + timedelta(seconds=5), namespace="team-b", name="kq", generation=1).status
+    own_deadline = {**RAW_SPEC, "resources": {"synthesize": {"activeDeadlineSeconds": 600}}}
+    tracked.append(run_body("team-b", "kq", queued, own_deadline))
+    scraped = scrape(metrics_url)
+    where = {("namespace", "team-b"), ("run", "kq")}
+    assert series(scraped, "selfalign_run_waiting") == {frozenset(where | {("reason", "Queued")}): 1}
+    since = series(scraped, "selfalign_stage_since_timestamp_seconds")
+    assert since == {frozenset(where | {("stage", "synthesize"), ("state", "Queued")}):
+                     datetime(2026, 11, 21, 12, 0, 1, tzinfo=timezone.utc).timestamp()}
+    assert series(scraped, "selfalign_stage_deadline_seconds") == {
+        frozenset(where | {("stage", "synthesize")}): 600}  # the run's own wins
+
+
+def test_a_finished_run_keeps_only_its_phase_and_a_deleted_run_leaves_no_series(metrics_url, tracked):
+    spec = parse_spec({**RAW_SPEC, "rounds": 1})
+    status = plan(spec, None, {}, T0, namespace="ns", name="gone", generation=1).status
+    (job,) = plan(spec, None, {}, T0, namespace="ns", name="gone", generation=1).jobs
+    failed = plan(spec, status, {job.name: JobObservation(job.name, 0, "synthesize", "Failed", message="exit 2")},
+                  T0, namespace="ns", name="gone", generation=1).status
+    tracked.append(run_body("ns", "gone", failed))
+    scraped = scrape(metrics_url)
+    assert series(scraped, "selfalign_run_phase") == {
+        frozenset({("namespace", "ns"), ("run", "gone"), ("phase", "Failed")}): 1}
+    assert series(scraped, "selfalign_stage_since_timestamp_seconds") == {}
+    assert series(scraped, "selfalign_stage_deadline_seconds") == {}
+    tracked.clear()
+    assert not any(labels and ("run", "gone") in labels for (_, labels) in scrape(metrics_url))
+
+
+def test_counters_and_histograms_never_carry_the_run():
+    for collector in (metrics.TRANSITIONS, metrics.STAGE_DURATION, metrics.STAGE_QUEUED, metrics.JOB_GAP,
+                      metrics.RECONCILE_ERRORS):
+        assert "run" not in collector._labelnames and "namespace" in collector._labelnames
