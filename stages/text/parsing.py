@@ -128,9 +128,9 @@ def json_object(completion: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-# The placeholders of the AITP templates' format examples (prompts/aitp_*.txt): a small model
-# copies them as its reply ({"questions":["first question","second question"]}, {{first_question}},
-# {"answer":"your answer"}); they are the prompt echoed, not content.
+# Placeholders of a format example: shown one ({"questions": ["first question", ...]}), a small
+# model copies it as its reply, so the AITP prompts (prompts/aitp_*.txt) describe the JSON instead
+# of showing it; replies recorded from prompts that showed it (tests/data/) are still read right.
 PLACEHOLDERS = ("first question", "second question", "your answer")
 
 
