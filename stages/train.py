@@ -72,13 +72,15 @@ def run(ctx: StageContext) -> StageOutcome:
 
     sources = kept_data_uris(ctx)
     examples = load_examples(sources)
-    model_dir = storage.local_path(ctx.model, ctx.scratch)
+    with ctx.setup("download"):
+        model_dir = storage.local_path(ctx.model, ctx.scratch)
     stage = zero_stage(train.zero_stage, parameters=parameter_count(model_dir),
                        gpu_memory=_gpu_memory() if gpu else None)
     engine = choose_engine(stage, gpu=gpu)
     if engine == "deepspeed":
         _single_process_env(gpu=gpu)
-    tokenizer = _load_tokenizer(model_dir)
+    with ctx.setup("load"):
+        tokenizer = _load_tokenizer(model_dir)
     features, counts = encode_all(tokenizer, examples, train.max_seq_length, progress=rank0)
 
     world = _env_int("WORLD_SIZE", default=1)
@@ -89,17 +91,23 @@ def run(ctx: StageContext) -> StageOutcome:
     config = None
     if engine == "deepspeed":
         config = _validated_deepspeed_config(train, stage, kwargs, model_dir, steps)
-    args = _training_arguments(kwargs, config, gpu=gpu)
-    resume = _fetch_latest_checkpoint(ctx.out, work, args)
+    with ctx.setup("load"):  # with DeepSpeed: the process group, a rendezvous of every rank
+        args = _training_arguments(kwargs, config, gpu=gpu)
+    with ctx.setup("download"):
+        resume = _fetch_latest_checkpoint(ctx.out, work, args)
     if rank0:
         log.info("training engine=%s zero=%d zero_asked=%s world=%d examples=%d steps=%d resume_from=%s "
                  "model=%s", engine, stage, train.zero_stage, world, counts.examples, steps, resume, ctx.model)
 
-    model = _lora_model(model_dir, train, gpu=gpu)
+    with ctx.setup("load"):
+        model = _lora_model(model_dir, train, gpu=gpu)
     session = SessionStats()
     trainer = _trainer(model, args, tokenizer, features,
                        callbacks=[CheckpointUploader(f"{ctx.out}/checkpoints"), session])
+    called = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # Until its first step the Trainer starts the engine: DeepSpeed's, the optimizer, the checkpoint.
+    ctx.clock.add("load", session.began - called)
 
     adapter_uri = f"{ctx.out}/adapter"
     trainer.save_model(str(work / "adapter"))  # every rank: ZeRO-3 gathers the adapter here
@@ -364,17 +372,18 @@ class CheckpointUploader(TrainerCallback):
 
 class SessionStats(TrainerCallback):
     """This process's share of the training: the step it started from (the trainer state's counter
-    after a checkpoint is loaded), its seconds and tokens per second."""
+    after a checkpoint is loaded), when its first step began (monotonic), its seconds and tokens per
+    second."""
 
     def __init__(self):
         self.start_step, self.tokens_per_second, self.seconds = 0, 0.0, 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start_step, self._tokens = state.global_step, state.num_input_tokens_seen
-        self._start = time.monotonic()
+        self.began = time.monotonic()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.seconds = round(time.monotonic() - self._start, 3)
+        self.seconds = round(time.monotonic() - self.began, 3)
         tokens = state.num_input_tokens_seen - self._tokens
         self.tokens_per_second = round(tokens / max(self.seconds, 1e-9), 1)
 

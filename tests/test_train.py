@@ -216,7 +216,8 @@ def test_lora_learns_the_toy_task(zero, epochs, engine, tiny_model_dir, tmp_path
 
     summary = json.loads(result.read_text())
     metrics = storage.read_json(f"{run_uri}/round-0/train/manifest.json")["metrics"]
-    assert set(summary) == {"lossFirst", "lossLast", "steps", "examples", "tokensPerSecond", "trainSeconds", "adapter"}
+    assert set(summary) == {"lossFirst", "lossLast", "steps", "examples", "tokensPerSecond", "trainSeconds", "adapter",
+                            "setupSeconds", "workSeconds"}
     assert (metrics["engine"], metrics["zeroStage"], metrics["precision"]) == (engine, zero or None, "fp32")
     assert summary["steps"] == train.optimizer_steps(64, 8, 1, 1, epochs) == metrics["lossCurve"][-1][0]
     assert summary["examples"] == 64 and summary["tokensPerSecond"] > 0 and summary["trainSeconds"] > 0
