@@ -23,7 +23,7 @@ RELEASE, NAMESPACE = "sa", "selfalign-system"
 MIN_KUBERNETES = "1.31.0"  # Chart.yaml kubeVersion
 LATEST_KUBERNETES = kubernetes_validate.latest_version()
 # Kinds from CRDs that kubernetes-validate has no schema for; each is still rendered and parsed.
-NO_SCHEMA_KINDS = {"ServiceMonitor", "KopfPeering", "ClusterKopfPeering"}
+NO_SCHEMA_KINDS = {"ServiceMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering"}
 
 RENDERINGS = {
     "default": [],
@@ -31,6 +31,8 @@ RENDERINGS = {
     "namespaced-ha": [
         "--set", "replicaCount=2", "--set", "watchNamespaces={team-a,team-b}",
         "--set", "networkPolicy.enabled=true", "--set", "metrics.serviceMonitor.enabled=true",
+        "--set", "metrics.dashboard.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
+        "--set", "operator.logFormat=json",
         "--set", "image.digest=sha256:" + "ab" * 32,
         "--set", "stages.networkPolicy.enabled=true", "--set", "stages.networkPolicy.restrictEgress=true",
         "--set-json", 'stages.podTemplate={"metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},'
