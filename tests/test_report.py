@@ -26,6 +26,8 @@ from selfalign.operator.cli.report_html import render, write_report
 from selfalign.operator.spec import STAGES, dump_spec
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml"
+# Of each stage's 42 s: synthesize pays the model download, the others find it cached.
+SETUP_SECONDS = {"synthesize": 21.0, "assess": 7.0, "train": 7.0, "merge": 7.0, "coverage": 7.0}
 START = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 ASSESS_ERROR = (
     "assess round 1: kept 2 of 20 candidates, fewer than assess.minKept 8 "
@@ -201,6 +203,8 @@ def build_run(
             break
         job = result.jobs[0]
         summary, metrics = results(job.round, run.uri)[job.stage]
+        setup = SETUP_SECONDS[job.stage]
+        summary = {**summary, "setupSeconds": setup, "workSeconds": 42.0 - setup}  # as __main__ adds
         if (job.round, job.stage) == fail_at:
             observed[job.name] = JobObservation(
                 job.name,
@@ -230,6 +234,9 @@ def build_run(
                         "start": now.timestamp(),
                         "finish": now.timestamp() + 42,
                         "seconds": 42.0,
+                        "setupSeconds": setup,
+                        "workSeconds": 42.0 - setup,
+                        "setup": {"startup": 5.0, "download": setup - 6.0, "load": 1.0},
                     },
                 }
             )
@@ -296,7 +303,7 @@ def test_status_of_a_run_without_manifests_takes_the_rounds_from_its_spec(storag
     assert status(storage.as_uri(), "fresh") == 0
     out = capsys.readouterr().out
     assert out.startswith("run fresh: Running, round 1/2 stage synthesize\n")
-    assert re.search(r"^1 +synthesize +Pending +0 +-$", out, re.M)
+    assert re.search(r"^1 +synthesize +Pending +0 +- +-$", out, re.M)
 
 
 @pytest.mark.parametrize("status, rounds, shown", [
@@ -329,11 +336,12 @@ def test_status_of_a_run_shows_every_stage_with_duration_and_key_metric(storage,
     assert status(storage.as_uri(), "done") == 0
     out = capsys.readouterr().out
     assert out.startswith("run done: Succeeded, round 2/2 stage coverage\n")
-    rows = [line.split(None, 5) for line in out.splitlines() if re.match(r"^\d\s", line)]
-    assert [(row[0], row[1], row[2], row[3], row[4]) for row in rows] == [
-        (str(k), stage, "Succeeded", "1", "42s") for k in (1, 2) for stage in STAGES
+    rows = [line.split(None, 6) for line in out.splitlines() if re.match(r"^\d\s", line)]
+    assert [(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows] == [
+        (str(k), stage, "Succeeded", "1", "42s", "21s" if stage == "synthesize" else "7.0s")
+        for k in (1, 2) for stage in STAGES
     ]
-    results_ = {(row[0], row[1]): row[5] for row in rows}
+    results_ = {(row[0], row[1]): row[6] for row in rows}
     assert results_[("1", "synthesize")] == "generated 24, instructions 24, rewrites 0, rejected 9"
     assert results_[("2", "assess")] == "kept 16/24 (67%)"
     assert results_[("2", "train")] == "loss 2.200 -> 1.500, steps 6, 1,234 tok/s"
@@ -341,6 +349,8 @@ def test_status_of_a_run_shows_every_stage_with_duration_and_key_metric(storage,
     assert results_[("2", "coverage")] == "coverage 50.0% (before 40.0%)"
     assert "\nround 1 data: parsed 28/30 completions, kept 18/24 (75%), label mass 0.61\n" in out
     assert "\nround 2 data: parsed 28/30 completions, kept 16/24 (67%), label mass 0.71\n" in out
+    assert "\nround 1 time: setup 49s of 3m 30s in stages (23%)\n" in out
+    assert "\nround 2 time: setup 49s of 3m 30s in stages (23%)\n" in out
     assert "message: 2 rounds finished" in out and "missing:" not in out
 
 
@@ -410,7 +420,12 @@ def test_report_summary_shows_phase_rounds_lineage_and_time(pages, storage):
     assert "50.0% after round 1 (seeds alone: 20.0%)" in summary
     assert "<th>Wall-clock time</th><td>7m 30s</td>" in summary  # first start to last completion
     assert "<th>Time in stages</th><td>7m 00s</td>" in summary  # ten manifests of 42 s
+    assert ("<th>Setup per round</th><td>round 0: setup 49s of 3m 30s in stages (23%); "
+            "round 1: setup 49s of 3m 30s in stages (23%)</td>") in summary
     assert "torch 2.13.0" in summary
+    stages = section(pages["done"], "stages")
+    assert "<th>Duration</th><th>Setup</th><th>Work</th>" in stages
+    assert re.search(r">synthesize</td>.*?>42s</td><td[^>]*>21s</td><td[^>]*>21s</td>", stages)
     assert "Nothing: every stage" in section(pages["done"], "missing")
     assert 'id="failure"' not in pages["done"]
 

@@ -77,6 +77,8 @@ class StageView:
     phase: str  # the planner's phase; "Succeeded" when only a manifest says so; "-" not started
     attempts: int | None
     seconds: float | None
+    setup: float | None = None  # of `seconds`: start-up, imports, model download, load, engine start
+    work: float | None = None
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -168,8 +170,29 @@ def stage_views(run: Run) -> list[StageView]:
         record, manifest = run.record(round_, stage), run.manifests.get((round_, stage))
         phase = record.get("phase") or ("Succeeded" if manifest else NOT_STARTED)
         seconds = stage_seconds(record, manifest)
-        views.append(StageView(round_, stage, phase, record.get("attempts"), seconds))
+        summary = run.summary(round_, stage)
+        views.append(StageView(round_, stage, phase, record.get("attempts"), seconds,
+                               _number(summary.get("setupSeconds")), _number(summary.get("workSeconds"))))
     return views
+
+
+def setup_share(run: Run, round_: int) -> tuple[float, float] | None:
+    """(setup seconds, setup + work seconds) of a round's stages that recorded both, or None:
+    the time its stage pods spent starting, downloading and loading rather than working."""
+    views = [v for v in stage_views(run) if v.round == round_ and v.setup is not None and v.work is not None]
+    if not views:
+        return None
+    setup = sum(v.setup for v in views)
+    return setup, setup + sum(v.work for v in views)
+
+
+def setup_line(run: Run, round_: int) -> str:
+    """`setup 1m 02s of 3m 30s in stages (30%)`, or "" where no stage of the round recorded it."""
+    share = setup_share(run, round_)
+    if share is None or not share[1]:
+        return ""
+    setup, total = share
+    return f"setup {format_seconds(setup)} of {format_seconds(total)} in stages ({setup / total:.0%})"
 
 
 def stage_seconds(record: dict[str, Any], manifest: dict[str, Any] | None) -> float | None:
@@ -397,19 +420,22 @@ def run_table(run: Run, artifacts_read: bool = True) -> str:
             v.phase,
             _text(v.attempts),
             format_seconds(v.seconds),
+            format_seconds(v.setup),
             key_metric(run, v.round, v.stage),
         ]
         for v in stage_views(run)
     ]
     lines = [head, f"artifacts: {run.uri}", ""]
     lines += (
-        [_align(["ROUND", "STAGE", "PHASE", "ATTEMPTS", "DURATION", "RESULT"], rows), ""]
+        [_align(["ROUND", "STAGE", "PHASE", "ATTEMPTS", "DURATION", "SETUP", "RESULT"], rows), ""]
         if rows
         else []
     )
     data = [f"round {k + 1} data: {line}" for k in range(total_rounds(run))
             if (line := quality_line(run, k))]
     lines += [*data, ""] if data else []
+    times = [f"round {k + 1} time: {line}" for k in range(total_rounds(run)) if (line := setup_line(run, k))]
+    lines += [*times, ""] if times else []
     if status.get("message"):
         lines.append(f"message: {status['message']}")
     if artifacts_read:
@@ -442,6 +468,10 @@ def _count(label: str, summary: dict[str, Any], key: str) -> str:
 
 def _rate(value: Any, unit: str) -> str:
     return f"{value:,.0f} {unit}" if isinstance(value, (int, float)) else ""
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _text(value: Any) -> str:

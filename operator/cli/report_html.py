@@ -385,6 +385,7 @@ def _summary_table(run: r.Run) -> str:
         ("Coverage", _e(_coverage_text(coverage))),
         ("Wall-clock time", _e(r.format_seconds(r.wall_seconds(status)))),
         ("Time in stages", _e(r.format_seconds(stage_time or None))),
+        ("Setup per round", _e(_setup_text(run, total))),
         ("Started", _e(status.get("startTime", "-"))),
         (
             "Finished" if status.get("completionTime") else "Last update",
@@ -397,6 +398,12 @@ def _summary_table(run: r.Run) -> str:
         + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
         + "</table>"
     )
+
+
+def _setup_text(run: r.Run, total: int) -> str:
+    """Each round's share of stage time spent setting up (start-up, download, load)."""
+    lines = [f"round {k}: {line}" for k in range(total) if (line := r.setup_line(run, k))]
+    return "; ".join(lines) or "not recorded"
 
 
 def _coverage_text(coverage: dict[int, tuple[float | None, float]]) -> str:
@@ -422,12 +429,13 @@ def _stages_table(run: r.Run) -> str:
     rows = "".join(
         f"<tr>{_td(v.round, 'num')}{_td(v.stage)}<td>{_badge(v.phase, v.phase)}</td>"
         f"{_td(_text(v.attempts), 'num')}{_td(r.format_seconds(v.seconds), 'num')}"
+        f"{_td(r.format_seconds(v.setup), 'num')}{_td(r.format_seconds(v.work), 'num')}"
         f"{_td(r.key_metric(run, v.round, v.stage))}</tr>"
         for v in views
     )
     return (
         "<table><tr><th>Round</th><th>Stage</th><th>Phase</th><th>Attempts</th><th>Duration</th>"
-        f"<th>Result</th></tr>{rows}</table>"
+        f"<th>Setup</th><th>Work</th><th>Result</th></tr>{rows}</table>"
     )
 
 
