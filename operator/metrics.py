@@ -144,7 +144,11 @@ class RunCollector(Collector):
     """The per-run gauges, computed from the runs as they are at each scrape (`runs()`: their
     bodies, e.g. from kopf's index), so a deleted run leaves no series behind."""
 
-    def __init__(self, runs: Callable[[], Iterable[Mapping[str, Any]]], settings: OperatorSettings):
+    def __init__(self) -> None:
+        self._runs: Callable[[], Iterable[Mapping[str, Any]]] = tuple
+        self._settings = OperatorSettings()
+
+    def track(self, runs: Callable[[], Iterable[Mapping[str, Any]]], settings: OperatorSettings) -> None:
         self._runs, self._settings = runs, settings
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -192,11 +196,14 @@ class RunCollector(Collector):
         return spec.stage_resources(stage).active_deadline_seconds
 
 
-def track_runs(runs: Callable[[], Iterable[Mapping[str, Any]]], settings: OperatorSettings) -> RunCollector:
-    """Serve the per-run gauges of `runs()` from now on; returns the collector (to unregister)."""
-    collector = RunCollector(runs, settings)
-    REGISTRY.register(collector)
-    return collector
+RUN_COLLECTOR = RunCollector()
+REGISTRY.register(RUN_COLLECTOR)
+
+
+def track_runs(runs: Callable[[], Iterable[Mapping[str, Any]]], settings: OperatorSettings) -> None:
+    """Serve the per-run gauges of `runs()` from now on (an operator started again in the same
+    process replaces the earlier source); `settings` give the stages' default deadlines."""
+    RUN_COLLECTOR.track(runs, settings)
 
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> WSGIServer:
