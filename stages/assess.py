@@ -19,7 +19,10 @@ judged items by their mean expected score and keeps the best share, whatever the
 Every judged item records its label mass (the probability the judge put on the labels at all);
 below assess.labelMassFloor the score means nothing and the item is rejected by a named rule.
 AITP rewrites are judged by AITP's rubric only: the Self-Instruct and I-SHEEP keyword rules
-remove exactly the gap-domain questions that rewriting exists to add.
+remove exactly the gap-domain questions that rewriting exists to add. The same decision applies to
+their quality against rewriteQuality (AITP keeps quality >= 7: `expected` compares the expected
+score, `probability` P(score >= rewriteQuality), `top-fraction` ranks the rewrites among
+themselves), and a rewrite that needs additional information is rejected under every decision.
 """
 
 from __future__ import annotations
@@ -205,8 +208,9 @@ def request_text(c: Candidate) -> str:
     return f"{c.instruction} {c.input}" if c.input else c.instruction
 
 
-def prob_above(found: ScoreDistribution, cut_off: float) -> float:
-    return sum(p for label, p in zip(found.labels, found.probs) if float(label) > cut_off)
+def prob_above(found: ScoreDistribution, cut_off: float, inclusive: bool = False) -> float:
+    return sum(p for label, p in zip(found.labels, found.probs)
+               if float(label) > cut_off or (inclusive and float(label) == cut_off))
 
 
 def threshold_rejection(found: Judged | None, rewrite: bool, threshold, floor: float) -> str | None:
@@ -218,9 +222,15 @@ def threshold_rejection(found: Judged | None, rewrite: bool, threshold, floor: f
     if min(d.mass for d in found.values()) < floor:
         return LOW_MASS
     if rewrite:
-        if found["quality"].expected < threshold.rewrite_quality:
-            return "below-rewrite-quality"
-        return "needs-additional-info" if found["additionalInfoNeeded"].prob("yes") >= 0.5 else None
+        if found["additionalInfoNeeded"].prob("yes") >= 0.5:
+            return "needs-additional-info"
+        quality, cut_off = found["quality"], threshold.rewrite_quality
+        below = {
+            "expected": lambda: quality.expected < cut_off,
+            "probability": lambda: prob_above(quality, cut_off, inclusive=True) < threshold.min_probability,
+            "top-fraction": lambda: False,  # ranked among the rewrites by score_rejections
+        }[threshold.decision]()
+        return "below-rewrite-quality" if below else None
     if threshold.decision == "top-fraction":
         return None
     for name, cut_off in (("quality", threshold.quality), ("following", threshold.following)):
@@ -238,17 +248,22 @@ def score_rejections(
     candidates: Sequence[Candidate], judged: dict[str, Judged | None], threshold, floor: float
 ) -> dict[str, str | None]:
     """Every judged candidate's verdict. Under top-fraction, the generated items that pass the
-    mass floor are ranked by mean expected quality and following, and the best
-    ceil(topFraction * n) are kept (ties broken by candidate order)."""
+    other rules are ranked by their summed expected scores, the rewrites apart by expected quality,
+    and the best ceil(topFraction * n) of each are kept (ties broken by candidate order)."""
     verdicts = {
         c.id: threshold_rejection(judged[c.id], c.origin == "aitp", threshold, floor)
         for c in candidates
     }
     if threshold.decision == "top-fraction":
-        ranked = [c for c in candidates if c.origin != "aitp" and verdicts[c.id] is None]
-        ranked.sort(key=lambda c: -sum(d.expected for d in judged[c.id].values()))
-        for c in ranked[math.ceil(threshold.top_fraction * len(ranked)):]:
-            verdicts[c.id] = "below-top-fraction"
+        for rewrites, rank_by, rule in (
+            (False, lambda j: sum(d.expected for d in j.values()), "below-top-fraction"),
+            (True, lambda j: j["quality"].expected, "below-rewrite-quality"),
+        ):
+            ranked = [c for c in candidates
+                      if (c.origin == "aitp") == rewrites and verdicts[c.id] is None]
+            ranked.sort(key=lambda c: -rank_by(judged[c.id]))
+            for c in ranked[math.ceil(threshold.top_fraction * len(ranked)):]:
+                verdicts[c.id] = rule
     return verdicts
 
 

@@ -258,3 +258,24 @@ def test_a_whole_round_synthesize_then_assess_on_s3(s3_bucket, tmp_path, chain_m
         and "lower assess.threshold.quality (9.5)" in failed["error"]
     )
     assert not storage.exists(f"{strict_run}/round-0/assess/manifest.json")
+
+
+def test_rewrites_follow_the_decision_rule_against_rewrite_quality():
+    """A small judge's expected quality crowds the middle: a rewrite's rule must follow the
+    decision the run chose, not AITP's fixed >= 7 on the expected score alone."""
+    labels = tuple(map(str, range(1, 11)))
+    torn = ScoreDistribution(labels, (0.5,) + (0.0,) * 5 + (0.5,) + (0.0,) * 3, 1.0)  # 1 or 7
+    rewrite = {"quality": torn, "difficulty": torn,
+               "additionalInfoNeeded": ScoreDistribution(("yes", "no"), (0.1, 0.9), 1.0)}
+    expected = Threshold(quality=8, following=8, rewrite_quality=7)
+    assert threshold_rejection(rewrite, True, expected, 0.2) == "below-rewrite-quality"  # 4.0
+    probable = expected.model_copy(update={"decision": "probability", "min_probability": 0.5})
+    assert threshold_rejection(rewrite, True, probable, 0.2) is None  # P(score >= 7) = 0.5
+    top = expected.model_copy(update={"decision": "top-fraction", "top_fraction": 0.5})
+    items = [candidate(origin="aitp", id=f"a{i}") for i in range(4)] + [candidate(id="c0")]
+    found = {f"a{i}": judged(quality=q, difficulty=3, additionalInfoNeeded=info)
+             for i, (q, info) in enumerate([(3.0, 0.1), (5.0, 0.1), (4.0, 0.1), (9.0, 0.9)])}
+    found["c0"] = judged(quality=2.0, following=2.0)
+    assert score_rejections(items, found, top, 0.2) == {
+        "a0": "below-rewrite-quality", "a1": None, "a2": None,  # best half of the three ranked
+        "a3": "needs-additional-info", "c0": None}  # generated items are ranked apart
