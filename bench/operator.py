@@ -46,6 +46,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +55,11 @@ from types import SimpleNamespace
 import attrs
 import kmock
 import numpy as np
+import psutil
 
 from selfalign.operator import handlers
 from selfalign.operator.kube import Kube
+from selfalign.operator.reconciler import Reconciler
 from selfalign.operator.naming import GROUP, LABEL_JOB, PLURAL, VERSION, job_name
 from selfalign.operator.spec import STAGES
 from tests.fixtures.kube import (FAKE_IMAGE, NS, RUNS, WRITES, Emulator, Kubelet, OperatorProcess, api,
@@ -104,44 +107,69 @@ def _complete(patch: dict) -> bool:
 
 def operator_process(url: str, conn) -> None:
     """The operator against the emulator at `url`: sends its CPU time when ready, and on "stop"
-    its CPU time, job-gap histogram and the instrumentation's notes, then stops."""
+    its CPU time, RSS, job-gap histogram and the instrumentation's timeline, then stops."""
     for stage in STAGES:
         os.environ[f"SELFALIGN_IMAGE_{stage.upper()}"] = FAKE_IMAGE
-    seen, posted = instrument()
-    asyncio.run(_serve_operator(url, conn, seen, posted))
+    timeline = instrument()
+    asyncio.run(_serve_operator(url, conn, timeline))
 
 
-def instrument() -> tuple[dict[str, float], dict[str, float]]:
-    """Wrap two operator functions, in this process only, to note when the operator first saw
-    each Job Complete (kopf's Job index calls owning_run for every Job event, before any handler)
-    and when each Job creation returned. CLOCK_MONOTONIC is system-wide, so these times compare
-    with the emulator's."""
-    seen: dict[str, float] = {}
-    posted: dict[str, float] = {}
-    owning_run, create = handlers.owning_run, Kube.create
+API_CALLS = ("get_run", "write_status", "create", "controller_uid", "suspend_job", "update_config_map", "post_event")
+
+
+def instrument() -> dict:
+    """Wrap operator functions, in this process only, to take the operator's own timestamps:
+    when it first saw each Job Complete (kopf's Job index calls owning_run for every Job event,
+    before any handler), when each pass started and ended, and when each API request was sent and
+    answered; for each Job created, the start of the pass that created it, that pass's time in API
+    requests before the POST, and the POST's own send and answer. CLOCK_MONOTONIC is
+    system-wide, so these times compare with the emulator's."""
+    timeline: dict = {"seen": {}, "posted": {}, "passes": [], "requests": {call: [] for call in API_CALLS}}
+    local = threading.local()
+    owning_run, reconcile = handlers.owning_run, Reconciler.reconcile
 
     def noting_owning_run(body):
         if _complete(body):
-            seen.setdefault(body["metadata"]["name"], time.monotonic())
+            timeline["seen"].setdefault(body["metadata"]["name"], time.monotonic())
         return owning_run(body)
 
-    def noting_create(self, obj):
-        created = create(self, obj)
-        if obj["kind"] == "Job":
-            posted.setdefault(obj["metadata"]["name"], time.monotonic())
-        return created
+    def noting_reconcile(self, *args, **kwargs):
+        local.start, local.api = time.monotonic(), 0.0
+        try:
+            return reconcile(self, *args, **kwargs)
+        finally:
+            timeline["passes"].append(time.monotonic() - local.start)
 
-    handlers.owning_run, Kube.create = noting_owning_run, noting_create
-    return seen, posted
+    def noting(call: str):
+        method = getattr(Kube, call)
+
+        def timed(self, *args, **kwargs):
+            sent = time.monotonic()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                answered = time.monotonic()
+                timeline["requests"][call].append(answered - sent)
+                obj = args[0] if args else None
+                if call == "create" and obj["kind"] == "Job":
+                    timeline["posted"].setdefault(obj["metadata"]["name"], (local.start, local.api, sent, answered))
+                local.api = getattr(local, "api", 0.0) + answered - sent
+        return timed
+
+    handlers.owning_run, Reconciler.reconcile = noting_owning_run, noting_reconcile
+    for call in API_CALLS:
+        setattr(Kube, call, noting(call))
+    return timeline
 
 
-async def _serve_operator(url: str, conn, seen: dict, posted: dict) -> None:
+async def _serve_operator(url: str, conn, timeline: dict) -> None:
     operator = OperatorProcess(SimpleNamespace(url=url))  # it only needs the URL until kill()
     await operator.start()
     conn.send(time.process_time())
     await asyncio.to_thread(conn.recv)
     cpu = time.process_time()
-    conn.send({"cpu": cpu, "gap_histogram": _gap_histogram(), "seen": dict(seen), "posted": dict(posted)})
+    conn.send({"cpu": cpu, "rss": psutil.Process().memory_info().rss, "gap_histogram": _gap_histogram(),
+               **timeline})
     await operator.stop()
 
 
@@ -177,12 +205,21 @@ class Result:
     gaps: np.ndarray  # seconds, emulator-stamped: Complete stored -> next Job stored
     notice: np.ndarray  # Complete stored -> the operator first sees that Job event
     react: np.ndarray  # the operator sees the Complete -> its POST of the next Job returns
+    waited: np.ndarray  # of react: seen -> the start of the pass that created the next Job
+    passed: np.ndarray  # of react: that pass's start -> its POST of the Job sent (API time within: api)
+    api: np.ndarray  # of passed: time in that pass's API requests before the POST
+    post: np.ndarray  # of react: the Job POST sent -> answered
+    passes: np.ndarray  # every pass's duration
+    requests: dict  # API call -> its durations (sent -> answered)
+    rss_half: int  # operator RSS (bytes) when half the runs had finished
+    rss_peak: int  # the largest operator RSS sampled while the runs ran
     wall: float  # creating the runs -> all finished
     operator_cpu: float
     harness_cpu: float  # this process: the emulator and the kubelet (not the stage subprocesses)
     operator_requests: int  # API requests the operator made (kopf's watches and the reconciler's calls)
     jobs: int
     gap_histogram: dict
+    load_before: str
     load: str
 
     @property
@@ -209,10 +246,12 @@ async def measure(runs: int, rounds: int, root: Path, timeout: float,
         operator.start()
         try:
             cpu_before = await asyncio.wait_for(asyncio.to_thread(ours.recv), 120)
+            memory = RssSampler(psutil.Process(operator.pid), runs)
+            load_before = common.load_average()
             start, harness_before = time.monotonic(), time.process_time()
             await asyncio.gather(*(api(emulator, "POST", RUNS, run_manifest(name, run_spec(rounds)))
                                    for name in names))
-            await wait_for(lambda: _all_done(emulator, kubelet, names), timeout, step=0.1,
+            await wait_for(lambda: memory.sample(_done(emulator, kubelet, names)) == len(names), timeout, step=0.1,
                            what=f"{runs} runs to finish")
             wall, harness_cpu = time.monotonic() - start, time.process_time() - harness_before
             ours.send("stop")
@@ -235,14 +274,38 @@ async def measure(runs: int, rounds: int, root: Path, timeout: float,
             "lockstep" if stage_seconds is None else "paced",
             np.array([emulator.created[after] - emulator.completed[before] for before, after in pairs]),
             np.array([seen[before] - emulator.completed[before] for before, _ in pairs]),
-            np.array([posted[after] - seen[before] for before, after in pairs]),
+            np.array([posted[after][3] - seen[before] for before, after in pairs]),
+            np.array([posted[after][0] - seen[before] for before, after in pairs]),
+            np.array([posted[after][2] - posted[after][0] for _, after in pairs]),
+            np.array([posted[after][1] for _, after in pairs]),
+            np.array([posted[after][3] - posted[after][2] for _, after in pairs]),
+            np.array(stopped["passes"]),
+            {call: np.array(times) for call, times in stopped["requests"].items() if times},
+            memory.half or memory.peak,
+            memory.peak,
             wall,
             stopped["cpu"] - cpu_before,
             harness_cpu,
             sum(map(sent_by_operator, emulator.log)),
             len(emulator.created),
             stopped["gap_histogram"],
+            load_before,
             common.load_average())
+
+
+class RssSampler:
+    """The operator process's resident memory, sampled while the runs go: when half of them have
+    finished (the issue's "1,000 runs, half finished") and at its largest."""
+
+    def __init__(self, process: psutil.Process, runs: int):
+        self.process, self.runs, self.half, self.peak = process, runs, 0, 0
+
+    def sample(self, done: int) -> int:
+        rss = self.process.memory_info().rss
+        self.peak = max(self.peak, rss)
+        if not self.half and done * 2 >= self.runs:
+            self.half = rss
+        return done
 
 
 def _phase(emulator: Emulator, name: str) -> str | None:
@@ -250,9 +313,9 @@ def _phase(emulator: Emulator, name: str) -> str | None:
     return (run.get("status") or {}).get("phase")
 
 
-def _all_done(emulator: Emulator, kubelet: Kubelet, names: list[str]) -> bool:
+def _done(emulator: Emulator, kubelet: Kubelet, names: list[str]) -> int:
     kubelet.check()
-    return all(_phase(emulator, n) in DONE for n in names)
+    return sum(_phase(emulator, n) in DONE for n in names)
 
 
 def spread(seconds: np.ndarray) -> str:
@@ -260,10 +323,10 @@ def spread(seconds: np.ndarray) -> str:
     return f"p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {seconds.max() * 1000:.0f} ms"
 
 
-def report(result: Result) -> None:
+def report(result: Result, repeat: int) -> None:
     histogram = result.gap_histogram
     within = histogram["buckets"].get("0.5", 0.0) / histogram["count"] if histogram["count"] else 0.0
-    common.line(f"R={result.runs} {result.load_model}", (
+    common.line(f"R={result.runs} {result.load_model} #{repeat}", (
         f"{result.transitions} transitions ({result.jobs} Jobs) in {result.wall:.1f} s; "
         f"gap {spread(result.gaps)}; of which event delivery {spread(result.notice)}, operator reaction "
         f"{spread(result.react)}; operator {result.operator_cpu:.2f} CPU-s = "
@@ -271,9 +334,39 @@ def report(result: Result) -> None:
         f"({result.operator_cpu / result.wall:.0%} of a core), "
         f"{result.operator_requests / result.transitions:.1f} API requests per transition; "
         f"{result.transitions / result.wall:.1f} transitions/s; emulator and kubelet "
-        f"{result.harness_cpu:.1f} CPU-s ({result.harness_cpu / result.wall:.0%} of a core); operator metric selfalign_job_gap_seconds: "
-        f"{histogram['count']:.0f} observed, mean {histogram['sum'] / max(histogram['count'], 1):.2f} s, "
-        f"{within:.0%} <= 0.5 s; load average {result.load}"))
+        f"{result.harness_cpu:.1f} CPU-s ({result.harness_cpu / result.wall:.0%} of a core); operator RSS "
+        f"{result.rss_half / 2**20:.0f} MiB with half the runs finished (peak {result.rss_peak / 2**20:.0f} MiB); "
+        f"operator metric selfalign_job_gap_seconds: {histogram['count']:.0f} observed, mean "
+        f"{histogram['sum'] / max(histogram['count'], 1):.2f} s, {within:.0%} <= 0.5 s; "
+        f"load average before {result.load_before}, after {result.load}"))
+    requests = ", ".join(f"{call} {len(times)}x p50 {np.median(times) * 1000:.0f} ms p95 "
+                         f"{np.percentile(times, 95) * 1000:.0f} ms" for call, times in result.requests.items())
+    common.line(f"R={result.runs} #{repeat} where the reaction went", (
+        f"seen -> pass start {spread(result.waited)}; pass start -> Job POST sent {spread(result.passed)} "
+        f"(in API requests {spread(result.api)}); POST {spread(result.post)}; every pass "
+        f"({len(result.passes)}) {spread(result.passes)}; requests: {requests}"))
+
+
+def summary(results: list[Result], goal: float | None) -> float:
+    """The median p95 gap of the repeats, its spread, and the goal's verdict (median and worst)."""
+    p95s = sorted(float(np.percentile(r.gaps, 95)) for r in results)
+    median, worst = float(np.median(p95s)), p95s[-1]
+    first = results[0]
+    rss = sorted(r.rss_half for r in results)
+    verdict = "" if goal is None else (
+        f"; goal p95 < {goal * 1000:.0f} ms: {'met' if median < goal else 'NOT met'}, worst under 2x the goal: "
+        f"{'yes' if worst < 2 * goal else 'no'}")
+    common.line(f"R={first.runs} {first.load_model}, median of {len(results)}", (
+        f"p95 gap {median * 1000:.0f} ms (runs: {', '.join(f'{p * 1000:.0f}' for p in p95s)} ms); p50 gap "
+        f"{np.median([np.percentile(r.gaps, 50) for r in results]) * 1000:.0f} ms; p95 operator reaction "
+        f"{np.median([np.percentile(r.react, 95) for r in results]) * 1000:.0f} ms; operator RSS with half "
+        f"finished {np.median(rss) / 2**20:.0f} MiB (max {rss[-1] / 2**20:.0f}){verdict}; load average "
+        f"before/after: {'; '.join(f'{r.load_before} / {r.load}' for r in results)}"))
+    return median
+
+
+GOALS = {200: 0.1, 1000: 0.5}  # seconds: the p95 gap the issue asks for at these R, paced
+MEMORY_GOAL = 500 * 2**20  # bytes of operator RSS with 1,000 runs, half finished
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="paced load: each stage Pod works for a time drawn uniformly from LOW..HIGH")
     parser.add_argument("--capacity-runs", type=int, default=200,
                         help="lockstep load (zero-length stages) with this many runs; 0 skips it")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds for one measurement to finish")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per R; figures are their median")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds for one measurement to finish")
     args = parser.parse_args(argv)
     low, high = args.stage_seconds
     if not 0 <= low <= high:
@@ -299,21 +393,27 @@ def main(argv: list[str] | None = None) -> int:
     common.line("lockstep load", "zero-length stages, 4 Pods at a time: saturation, gap ~ R / throughput")
     common.line("reference", f"Argo Workflows' fixed requeue between steps (DEFAULT_REQUEUE_TIME): every gap "
                              f"{REFERENCE_GAP:.0f} s, modelled analytically (not simulated)")
-    paced = []
+    medians = {}
     for runs in args.runs:
-        with tempfile.TemporaryDirectory() as root:
-            paced.append(asyncio.run(measure(runs, args.rounds, Path(root), args.timeout, (low, high))))
-        report(paced[-1])
+        results = []
+        for repeat in range(1, args.repeats + 1):
+            with tempfile.TemporaryDirectory() as root:
+                results.append(asyncio.run(measure(runs, args.rounds, Path(root), args.timeout, (low, high))))
+            report(results[-1], repeat)
+        medians[runs] = summary(results, GOALS.get(runs))
+        if runs >= 1000:
+            rss = float(np.median([r.rss_half for r in results]))
+            common.line("memory", f"operator RSS {rss / 2**20:.0f} MiB with {runs} runs, half finished (median): "
+                                  f"goal < {MEMORY_GOAL / 2**20:.0f} MiB {'met' if rss < MEMORY_GOAL else 'NOT met'}")
     if args.capacity_runs:
         with tempfile.TemporaryDirectory() as root:
             capacity = asyncio.run(measure(args.capacity_runs, args.rounds, Path(root), args.timeout, None))
-        report(capacity)
+        report(capacity, 1)
         common.line("capacity", f"{capacity.transitions / capacity.wall:.1f} transitions/s with every run always "
                                 f"waiting; p95 gap {np.percentile(capacity.gaps, 95):.2f} s at R={capacity.runs}")
-    last = paced[-1]
-    p95 = float(np.percentile(last.gaps, 95))
-    common.line("goal", f"p95 < 0.5 s at R={last.runs}, paced: {'met' if p95 < 0.5 else 'NOT met'} ({p95:.3f} s)")
-    common.line("speedup (reference gap / p95 gap)", f"{REFERENCE_GAP / p95:.1f}x at R={last.runs}, paced")
+    largest = max(medians)
+    p95 = medians[largest]
+    common.line("speedup (reference gap / p95 gap)", f"{REFERENCE_GAP / p95:.1f}x at R={largest}, paced (median)")
     common.ratio(REFERENCE_GAP / p95)
     return 0
 

@@ -70,7 +70,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, runs: kopf.Index
     for resource, selector in CHILD_SELECTORS.items():
         settings.watching.label_selectors[resource] = selector
     memo.reconciler = Reconciler(Kube(kubernetes.client.ApiClient()), OperatorSettings.from_env(os.environ))
-    memo.reconciler.resync(Cache(runs, run_jobs, job_pods), logger)
+    memo.reconciler.start(Cache(runs, run_jobs, job_pods), logger)
 
 
 @kopf.on.cleanup()
@@ -109,19 +109,21 @@ async def runs_by_phase(namespace: str, name: str, status: kopf.Status, **_: Any
     return {status.get("phase") or metrics.PENDING: (namespace, name)}
 
 
+# The event handlers are async and only queue the run (Reconciler.request never blocks): kopf runs
+# a sync handler in its thread pool and holds the object's event queue until it returns, so a
+# pass run inside a handler made events wait for threads, and each waiting event of a run cost
+# a pass of its own.
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def run_changed(namespace: str, name: str, memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
-                job_pods: kopf.Index, runs_by_phase: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
-    memo.reconciler.request(namespace, name, Cache(runs, run_jobs, job_pods), logger)
+async def run_changed(namespace: str, name: str, memo: kopf.Memo, runs_by_phase: kopf.Index, **_: Any) -> None:
+    memo.reconciler.request(namespace, name)
     metrics.set_runs_by_phase({phase: len(runs_by_phase.get(phase, ())) for phase in metrics.PHASES})
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
-def job_changed(namespace: str, body: kopf.Body, memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
-                job_pods: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
+async def job_changed(namespace: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     run = owning_run(body)
     if run:
-        memo.reconciler.request(namespace, run, Cache(runs, run_jobs, job_pods), logger)
+        memo.reconciler.request(namespace, run)
 
 
 def pod_matters(type: str | None, body: kopf.Body, **_: Any) -> bool:
@@ -133,10 +135,9 @@ def pod_matters(type: str | None, body: kopf.Body, **_: Any) -> bool:
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT, LABEL_JOB: kopf.PRESENT}, when=pod_matters)
-def pod_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
-                job_runs: kopf.Index, job_pods: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
-    for run in list(job_runs.get((namespace, labels[LABEL_JOB]), ())):
-        memo.reconciler.request(namespace, run, Cache(runs, run_jobs, job_pods), logger)
+async def pod_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, job_runs: kopf.Index, **_: Any) -> None:
+    for run in job_runs.get((namespace, labels[LABEL_JOB]), ()):
+        memo.reconciler.request(namespace, run)
 
 
 def owning_run(body: Mapping[str, Any]) -> str | None:

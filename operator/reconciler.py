@@ -1,14 +1,17 @@
 """One reconcile pass of a run, and the memory that spares the API requests.
 
-`Reconciler.request` is what every kopf event handler calls (handlers.py): it runs a run's passes
-one at a time, coalescing the events that arrive during a pass into one more pass. A pass reads
-kopf's indices (`Cache`), calls the pure planner, and acts through `Kube`, the one module that
-talks to the API.
+`Reconciler.request` is what every kopf event handler calls (handlers.py), on kopf's event loop:
+it only queues the run's key (workqueue.py, as controller-runtime's workqueue), so no handler ever
+waits for a pass and kopf's watch streams and indices keep up whatever the passes cost. WORKERS
+threads take keys from the queue: one pass at a time per run, every event that arrives while a
+run waits or is reconciled folded into one more pass. A pass reads kopf's indices (`Cache`), calls
+the pure planner, and acts through `Kube`, the one module that talks to the API (the official
+sync client, in the worker thread).
 
 Events alone are not enough on a real API server: kopf does not retry `on.event` handlers, and a
 renewed watch resumes from its last resourceVersion, so nothing is delivered again. A failed pass
 is therefore tried again with capped exponential backoff (`retry_delay`), and every unfinished run
-is reconciled every RESYNC seconds whatever happens. Both are hand-rolled timers: kopf's retries
+is reconciled every RESYNC seconds whatever happens. Both go through the queue: kopf's retries
 belong to its changing handlers (which persist progress on the run, a write per pass) and its
 timers put a finalizer on every run (which then cannot be deleted while the operator is down).
 
@@ -35,11 +38,16 @@ from .observe import SUSPENDED_BY, SUSPENDED_BY_RUN, controller_uid, observe_for
 from .planner import FINAL_STAGE_PHASES, EnsureJob, Event, JobObservation, plan, status_rejected
 from .settings import OperatorSettings
 from .spec import RunSpec, SpecError, parse_spec
+from .workqueue import WorkQueue
 
 EXPECTATION_TTL = 300.0  # seconds a created Job may take to show up in the index (as kube-controller-manager)
 REFUSAL_BACKOFF = 30.0  # seconds before a refused Job create is tried again
 RETRY_BASE, RETRY_CAP = 1.0, 60.0  # seconds: a failed pass is tried again after 1, 2, 4, ... 60 s
 RESYNC = 300.0  # seconds: every unfinished run is reconciled at least this often
+# Threads doing passes. A pass spends most of its time waiting for the API (the sync client
+# releases the GIL meanwhile), so a few threads keep a few requests in flight; more would only
+# contend for the GIL with kopf's event loop, which parses every watch event.
+WORKERS = 4
 TRANSIENT = (ApiException, urllib3.exceptions.HTTPError)  # an API error, a timeout, a reset
 
 
@@ -81,7 +89,7 @@ class Cache:
 
 class Reconciler:
     """One operator process's reconciler: the API, the settings, and memory that only saves
-    requests: which runs are being reconciled (a burst of events becomes one more pass, never two
+    requests: the queue of runs to reconcile (a burst of events becomes one more pass, never two
     overlapping ones), which Jobs were created but not seen yet, each run as this process last
     wrote it (newer than the watch until its echo arrives), each run's parsed spec and its
     ConfigMap as applied. And one observation the cluster cannot give back: which Job creates the
@@ -92,7 +100,7 @@ class Reconciler:
     def __init__(self, kube: Kube, settings: OperatorSettings):
         self.kube, self.settings = kube, settings
         self._guard = threading.Lock()
-        self._again: dict[tuple[str, str], bool] = {}  # run being reconciled -> another pass wanted
+        self.queue = WorkQueue()  # the runs to reconcile: one pass at a time per run
         self._expected: dict[tuple[str, str], tuple[float, str]] = {}  # (namespace, Job) -> when, by which run uid
         self._written: dict[tuple[str, str], dict[str, Any]] = {}  # run -> as our last status write stored it
         self._config_maps: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}  # (ns, ConfigMap) -> run uid, data
@@ -100,56 +108,49 @@ class Reconciler:
         self._specs: dict[tuple[str, str], tuple[tuple, RunSpec | SpecError]] = {}  # run -> (uid, generation), spec
         self._refused: dict[tuple[str, str], dict[str, tuple[float, JobObservation]]] = {}  # run -> Job -> when, why
         self._failures: dict[tuple[str, str], int] = {}  # run -> failed passes in a row
-        self._timers: dict[tuple[str, str], tuple[float, threading.Timer]] = {}  # run -> next pass (due, timer)
         self._closed = threading.Event()
 
-    def resync(self, cache: Cache, logger: Any, period: float | None = None) -> None:
-        """Reconcile every unfinished run every `period` (RESYNC) seconds, from a daemon thread,
-        until `close`."""
-        period = RESYNC if period is None else period
+    def start(self, cache: Cache, logger: Any, resync: float | None = None) -> None:
+        """Start WORKERS worker threads on the queue, and the resync: every unfinished run queued
+        every `resync` (RESYNC) seconds, until `close`."""
+        self._cache, self._logger = cache, logger
+        for number in range(WORKERS):
+            threading.Thread(target=self._work, name=f"selfalign-worker-{number}", daemon=True).start()
+        period = RESYNC if resync is None else resync
 
         def loop() -> None:
             while not self._closed.wait(period):
-                for namespace, name in _retrying(lambda: unfinished_runs(cache.runs)):
-                    try:
-                        self.request(namespace, name, cache, logger)
-                    except Exception:  # its retry is scheduled; the others still get their pass
-                        logger.exception("resync pass failed run=%s", name)
+                for key in _retrying(lambda: unfinished_runs(cache.runs)):
+                    self.queue.add(key)
 
         threading.Thread(target=loop, name="selfalign-resync", daemon=True).start()
 
     def close(self) -> None:
-        """Stop the resync and every scheduled pass (the operator is stopping)."""
+        """Stop the workers, the resync and every scheduled pass (the operator is stopping)."""
         self._closed.set()
-        with self._guard:
-            timers, self._timers = list(self._timers.values()), {}
-        for _, timer in timers:
-            timer.cancel()
+        self.queue.shut_down()
 
-    def request(self, namespace: str, name: str, cache: Cache, logger: Any) -> None:
-        """Reconcile the run now, or, if a pass is under way in another thread, once more after it."""
-        key = (namespace, name)
-        with self._guard:
-            if key in self._again:
-                self._again[key] = True
-                return
-            self._again[key] = False
-        try:
-            while True:
-                self.reconcile(namespace, name, cache, logger)
+    def request(self, namespace: str, name: str) -> None:
+        """Reconcile the run soon: queue it (at once; a worker thread does the pass). Never blocks,
+        so kopf's handlers call it on the event loop."""
+        self.queue.add((namespace, name))
+
+    def _work(self) -> None:
+        """A worker: one pass per key taken from the queue; a failed pass is queued again after
+        `retry_delay`."""
+        while (key := self.queue.get()) is not None:
+            try:
+                self.reconcile(*key, self._cache, self._logger)
                 with self._guard:
                     self._failures.pop(key, None)
-                    if not self._again[key]:
-                        del self._again[key]
-                        return
-                    self._again[key] = False
-        except Exception:
-            metrics.record_reconcile_error()
-            with self._guard:
-                self._again.pop(key, None)
-                failures = self._failures[key] = self._failures.get(key, 0) + 1
-            self._later(namespace, name, retry_delay(failures), cache, logger)
-            raise
+            except Exception:
+                metrics.record_reconcile_error(key[0])
+                with self._guard:
+                    failures = self._failures[key] = self._failures.get(key, 0) + 1
+                self._logger.exception("reconcile pass failed run=%s, again in %.0f s", key[1], retry_delay(failures))
+                self._later(*key, retry_delay(failures))
+            finally:
+                self.queue.done(key)
 
     def reconcile(self, namespace: str, name: str, cache: Cache, logger: Any) -> None:
         # 1. The run as last seen; nothing to do once it is gone or going.
@@ -192,11 +193,11 @@ class Reconciler:
                 # The run moved on: its next event reconciles it, or, should none come (a 409 from
                 # a proxy, a webhook), the pass after RETRY_BASE does.
                 logger.info("status write conflicted run=%s", name)
-                self._later(namespace, name, RETRY_BASE, cache, logger)
+                self._later(namespace, name, RETRY_BASE)
                 return
             with self._guard:
                 self._written[(namespace, name)] = stored
-            metrics.record_status_change(run.get("status"), result.status)
+            metrics.record_status_change(run.get("status"), result.status, namespace)
             run = stored
         # 6. Make sure the Jobs the plan needs exist, suspended or not as it says; a new refusal goes
         # into status on another pass.
@@ -204,16 +205,15 @@ class Reconciler:
         for job in result.jobs:
             created = self._ensure(run, spec, job, seen=set(seen), foreign=set(foreign), now=now, logger=logger)
             if created is None:
-                with self._guard:
-                    self._again[(namespace, name)] = True
+                self.queue.add((namespace, name))  # the refusal goes into status on the next pass
             elif created:
-                metrics.observe_job_created(result.status, datetime.now(UTC))
+                metrics.observe_job_created(result.status, datetime.now(UTC), namespace)
             elif job.name in seen and job.suspend is not None and suspended(seen[job.name]) != job.suspend:
                 self.kube.suspend_job(namespace, job.name, job.suspend)
         if self._refusals(namespace, name):
-            self._later(namespace, name, REFUSAL_BACKOFF, cache, logger)
+            self._later(namespace, name, REFUSAL_BACKOFF)
         if result.recheck is not None:
-            self._later(namespace, name, result.recheck, cache, logger)
+            self._later(namespace, name, result.recheck)
         # 7. Tell the user what changed.
         for event in result.events:
             self._post(run, event, now, logger)
@@ -333,31 +333,10 @@ class Reconciler:
         with self._guard:
             return {job: seen for job, (_, seen) in self._refused.get((namespace, run), {}).items()}
 
-    def _later(self, namespace: str, name: str, delay: float, cache: Cache, logger: Any) -> None:
+    def _later(self, namespace: str, name: str, delay: float) -> None:
         """Reconcile the run again after `delay` seconds (a refused create may succeed once quota
-        frees up; a failed pass may succeed once the API recovers). One pending pass per run: the
-        sooner one wins."""
-        key, due = (namespace, name), time.monotonic() + delay
-        with self._guard:
-            pending = self._timers.get(key)
-            if self._closed.is_set() or (pending is not None and pending[0] <= due):
-                return
-
-            def fire() -> None:
-                with self._guard:
-                    if self._timers.get(key, (None,))[0] == due:
-                        del self._timers[key]
-                try:
-                    self.request(namespace, name, cache, logger)
-                except Exception:
-                    logger.exception("a retried pass failed run=%s", name)
-
-            timer = threading.Timer(delay, fire)
-            timer.daemon = True
-            self._timers[key] = (due, timer)
-        if pending is not None:
-            pending[1].cancel()
-        timer.start()
+        frees up; a failed pass may succeed once the API recovers). The sooner pass wins."""
+        self.queue.add_after((namespace, name), delay)
 
     def _refused_lately(self, namespace: str, run: str, job: str) -> bool:
         with self._guard:

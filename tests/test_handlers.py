@@ -14,7 +14,7 @@ import kubernetes
 import pytest
 import urllib3
 
-from selfalign.operator.handlers import NoDiffBase, configure, pod_matters
+from selfalign.operator.handlers import NoDiffBase, configure, job_changed, pod_changed, pod_matters, run_changed
 from selfalign.operator.kube import Kube, compare_resource_versions
 from selfalign.operator.planner import Event
 from kubernetes.client.exceptions import ApiException
@@ -22,7 +22,9 @@ from kubernetes.client.exceptions import ApiException
 from selfalign.operator import reconciler as reconciler_module
 from selfalign.operator.observe import controller_uid
 from selfalign.operator.reconciler import Cache, Reconciler, retry_delay, unfinished_runs
+from selfalign.operator.naming import LABEL_JOB
 from selfalign.operator.settings import OperatorSettings
+from selfalign.operator.workqueue import WorkQueue
 
 
 @pytest.mark.parametrize("a, b, order", [
@@ -242,6 +244,9 @@ class ApiDouble:
         return [what for method, what in self.calls if method == "create"]
 
 
+RUN_OWNER = {"apiVersion": "selfalign.dev/v1alpha1", "kind": "SelfAlignRun", "name": "r", "uid": "u", "controller": True}
+
+
 def a_run(uid: str = "uid-new", status: dict | None = None) -> dict:
     return {"apiVersion": "selfalign.dev/v1alpha1", "kind": "SelfAlignRun", "spec": SPEC, "status": status or {},
             "metadata": {"namespace": "ns", "name": "r", "uid": uid, "resourceVersion": "1", "generation": 1}}
@@ -261,8 +266,11 @@ def cache_of(run: dict, jobs: list[dict] = (), pods: dict | None = None) -> Cach
 def reconciler_with():
     made: list[Reconciler] = []
 
-    def make(kube: ApiDouble) -> Reconciler:
+    def make(kube: ApiDouble, cache: Cache | None = None, resync: float | None = None) -> Reconciler:
+        """A reconciler; with a cache, its workers and resync started on it."""
         made.append(Reconciler(kube, OperatorSettings()))
+        if cache is not None:
+            made[-1].start(cache, LOG, resync=resync)
         return made[-1]
 
     yield make
@@ -350,7 +358,7 @@ def test_a_status_rejected_because_it_was_planned_from_an_older_run_is_a_conflic
     kube = ApiDouble()
     kube.fail["write_status"] = [ApiException(status=422, reason="Invalid")]
     kube.stored_rv = "7"  # someone wrote after the copy this pass planned from
-    reconciler_with(kube).request("ns", "r", cache_of(a_run()), LOG)
+    reconciler_with(kube, cache_of(a_run())).request("ns", "r")
     wait_until(lambda: f"Job {SYNTH}" in kube.created())  # planned again and written: never Failed
     assert [what for method, what in kube.calls if method == "write_status"] == ["Running", "Running"]
 
@@ -366,8 +374,7 @@ def test_a_failed_pass_is_tried_again_without_any_event(reconciler_with, monkeyp
     kube = ApiDouble()
     kube.fail["write_status"] = [ApiException(status=503, reason="Service Unavailable"),
                                  urllib3.exceptions.ReadTimeoutError(None, "/", "read timed out")]
-    with pytest.raises(ApiException):
-        reconciler_with(kube).request("ns", "r", cache_of(a_run()), LOG)
+    reconciler_with(kube, cache_of(a_run())).request("ns", "r")
     wait_until(lambda: f"Job {SYNTH}" in kube.created())
     assert [what for method, what in kube.calls if method == "write_status"] == ["Running"] * 3
 
@@ -376,7 +383,7 @@ def test_a_conflicting_status_write_is_tried_again_even_if_no_event_follows(reco
     monkeypatch.setattr(reconciler_module, "RETRY_BASE", 0.01)
     kube = ApiDouble()
     kube.conflicts = 1
-    reconciler_with(kube).request("ns", "r", cache_of(a_run()), LOG)
+    reconciler_with(kube, cache_of(a_run())).request("ns", "r")
     wait_until(lambda: f"Job {SYNTH}" in kube.created())
 
 
@@ -389,7 +396,7 @@ def test_the_resync_covers_every_unfinished_run(phase, resynced):
 
 def test_the_resync_reconciles_a_run_whose_events_were_lost(reconciler_with):
     kube = ApiDouble()
-    reconciler_with(kube).resync(cache_of(a_run()), LOG, period=0.01)
+    reconciler_with(kube, cache_of(a_run()), resync=0.01)  # no request: the resync queues it
     wait_until(lambda: f"Job {SYNTH}" in kube.created())
 
 
@@ -408,7 +415,7 @@ class ChangingIndex(dict):
 def test_the_resync_survives_an_index_changing_under_it(reconciler_with):
     kube = ApiDouble()
     runs = ChangingIndex({("ns", "r"): [a_run()]})
-    reconciler_with(kube).resync(Cache(runs, {}, {}), LOG, period=0.01)
+    reconciler_with(kube, Cache(runs, {}, {}), resync=0.01)
     wait_until(lambda: f"Job {SYNTH}" in kube.created())
 
 
@@ -418,3 +425,63 @@ def wait_until(predicate, timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "never happened"
         time.sleep(0.005)
+
+
+# ---- the work queue (client-go's workqueue semantics) --------------------------------------------
+
+def test_a_key_is_queued_once_however_often_it_is_asked_for():
+    queue = WorkQueue()
+    for key in ("a", "b", "a", "a"):
+        queue.add(key)
+    assert [queue.get(), queue.get()] == ["a", "b"] and queue.pending() == 0
+
+
+def test_a_key_asked_for_during_its_pass_is_queued_once_more_after_it_and_never_given_out_twice():
+    queue = WorkQueue()
+    queue.add("a")
+    assert queue.get() == "a"
+    queue.add("a")
+    queue.add("a")
+    assert queue.pending() == 0  # not handed to a second worker while the first has it
+    queue.done("a")
+    assert queue.pending() == 1 and queue.get() == "a"
+    queue.done("a")
+    assert queue.pending() == 0
+
+
+def test_the_sooner_of_two_delays_wins_and_a_delayed_key_comes_due():
+    queue = WorkQueue()
+    queue.add_after("a", 3600)
+    queue.add_after("a", 0.01)
+    queue.add_after("a", 7200)  # later than what is pending: ignored
+    assert queue.get() == "a"  # after about 0.01 s, not an hour
+    queue.done("a")
+    assert queue.pending() == 1  # the superseded hour-long entry, which gives nothing out
+    queue.add("b")
+    assert queue.get() == "b"
+
+
+def test_a_shut_down_queue_wakes_its_workers_and_keeps_nothing():
+    queue = WorkQueue()
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(queue.get()))
+    worker.start()
+    queue.add_after("a", 3600)
+    queue.shut_down()
+    worker.join(30)
+    assert got == [None] and queue.pending() == 0
+    queue.add("b")
+    assert queue.get() is None
+
+
+async def test_the_event_handlers_only_queue_the_run():
+    """No pass runs in kopf's handler: the run is queued for the reconciler's workers."""
+    reconciler = Reconciler(ApiDouble(), OperatorSettings())
+    memo = kopf.Memo(reconciler=reconciler)
+    job = kopf.Body(child("Job", SYNTH, "u") | {"metadata": {**child("Job", SYNTH, "u")["metadata"],
+                                                             "ownerReferences": [RUN_OWNER]}})
+    await run_changed(namespace="ns", name="r", memo=memo, runs_by_phase={})
+    await job_changed(namespace="ns", body=job, memo=memo)
+    await pod_changed(namespace="ns", labels={LABEL_JOB: SYNTH}, memo=memo, job_runs={("ns", SYNTH): ["r"]})
+    assert reconciler.kube.calls == [] and reconciler.queue.get() == ("ns", "r") and reconciler.queue.pending() == 0
+    reconciler.close()

@@ -60,9 +60,10 @@ def printer_columns(run: dict) -> dict:
 
 
 def metric(name: str, **labels) -> float:
+    """A sample of the operator's metrics for the test namespace (every series carries it)."""
     from prometheus_client import REGISTRY
 
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return REGISTRY.get_sample_value(name, {"namespace": NS, **labels}) or 0.0
 
 
 async def test_two_round_run_succeeds_with_ten_jobs_in_order(cluster):
