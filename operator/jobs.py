@@ -40,6 +40,7 @@ CONTAINER = "stage"
 SPEC_DIR, SPEC_FILE = "/etc/selfalign", "spec.json"
 SCRATCH = "/scratch"
 PVC_ROOT = "/mnt/pvc"  # selfalign.stages.runtime.storage reads pvc://<claim>/<path> below <claim>/
+MODEL_CACHE = "/model-cache"  # spec.modelCache's claim; storage keeps s3:// models there (MODEL_CACHE_ENV)
 EXIT_BAD_INPUT = 2  # selfalign.stages.__main__: bad input, so a retry cannot help
 MASTER_PORT = 29500
 STAGE_UID = 1000
@@ -291,6 +292,7 @@ def _pod_spec(spec: RunSpec, job: EnsureJob, run_name: str, settings: OperatorSe
             {"name": "tmp", "mountPath": "/tmp"},
             *({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True}
               for i, claim in enumerate(claims)),
+            *([{"name": "model-cache", "mountPath": MODEL_CACHE}] if spec.model_cache else []),
         ],
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -329,6 +331,8 @@ def _pod_spec(spec: RunSpec, job: EnsureJob, run_name: str, settings: OperatorSe
             {"name": "tmp", "emptyDir": {}},
             *({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
               for i, claim in enumerate(claims)),
+            *([{"name": "model-cache", "persistentVolumeClaim": {"claimName": spec.model_cache.claim_name}}]
+              if spec.model_cache else []),
         ],
     }
     if res.node_selector:
@@ -386,6 +390,8 @@ def _env(spec: RunSpec, job: EnsureJob, service: str | None) -> list[Object]:
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if spec.model_cache:
+        env.append({"name": "SELFALIGN_MODEL_CACHE", "value": MODEL_CACHE})
     if spec.storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
     if spec.storage.region:

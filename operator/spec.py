@@ -74,6 +74,12 @@ class Storage(_Model):
     secret_ref: SecretRef | None = Field(None, description="Credentials for the stage pods only; s3:// storage only")
 
 
+class ModelCache(_Model):
+    claim_name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description=(
+        "PersistentVolumeClaim in the run's namespace (ReadWriteMany, writable by uid 1000) mounted in every "
+        "stage pod: s3:// models are kept there by content, so one download serves every stage and run"))
+
+
 class Sampling(_Model):
     temperature: float = Field(ge=0, le=5, description="Sampling temperature; 0 is greedy")
     top_p: float = Field(gt=0, le=1, description="Nucleus sampling mass")
@@ -226,9 +232,9 @@ RESERVED_ENV = frozenset({"SELFALIGN_SCRATCH", "HF_HOME", "XDG_CACHE_HOME", "HOM
                           "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "NNODES", "NPROC_PER_NODE",
                           "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"})
 RESERVED_ENV_PREFIX = "SELFALIGN_"
-RESERVED_VOLUMES = frozenset({"spec", "scratch", "shm", "tmp"})
+RESERVED_VOLUMES = frozenset({"spec", "scratch", "shm", "tmp", "model-cache"})
 RESERVED_VOLUME_PREFIX = "pvc-"  # pvc-<i>: the claims of pvc:// inputs
-RESERVED_MOUNTS = ("/etc/selfalign", "/scratch", "/dev/shm", "/tmp", "/mnt/pvc")
+RESERVED_MOUNTS = ("/etc/selfalign", "/scratch", "/dev/shm", "/tmp", "/mnt/pvc", "/model-cache")
 RESERVED_LABEL_PREFIXES = ("selfalign.dev/", "app.kubernetes.io/")
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -511,6 +517,8 @@ class RunSpec(_Model):
     seeds: str = Field(max_length=URI_MAX, pattern=MODEL_URI,
                        description="Seed tasks: Self-Instruct, Alpaca or chat JSONL; immutable")
     storage: Storage = Field(description="Where stages exchange data")
+    model_cache: ModelCache | None = Field(None, description=(
+        "A volume for s3:// models that outlives a pod; without it each stage pod downloads into its scratch"))
     synthesize: Synthesize = Field(description="Instruction and response generation")
     assess: Assess = Field(description="Filters, dedup and self-assessment")
     train: Train = Field(description="LoRA fine-tuning")

@@ -81,6 +81,8 @@ VARIANTS = {
         "storage": {"uri": "s3://bucket/runs", "secretRef": {"name": "s3-creds"}},
         "podTemplate": RUN_TEMPLATE,
         "resources": {"train": {"gpus": 8, "activeDeadlineSeconds": 86400, "podTemplate": TRAIN_TEMPLATE}}}),
+    "model-cache": ("cached", {"storage": {"uri": "s3://bucket/runs"}, "train": {"nodes": 2},
+                               "resources": {"train": {"gpus": 8}}, "modelCache": {"claimName": "models"}}),
 }
 DNS_1123_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 DNS_1035_LABEL = r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?"

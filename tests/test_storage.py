@@ -151,7 +151,7 @@ def test_delete_dir_removes_the_folder_and_nothing_beside_it(tmp_path, root, mon
     storage.delete_dir(f"{root}/run/checkpoint-1")  # already gone: nothing to do
 
 
-def test_local_path_downloads_s3_once(tmp_path, s3_bucket):
+def test_local_path_downloads_s3_once(tmp_path, s3_bucket, sent):
     src = tmp_path / "src"
     src.mkdir()
     (src / "config.json").write_text('{"k": 1}')
@@ -164,12 +164,22 @@ def test_local_path_downloads_s3_once(tmp_path, s3_bucket):
     assert model.parent == tmp_path / "scratch" / "cache"
     assert corpus.read_text() == '{"text": "t"}\n'
 
-    bucket = s3_bucket.removeprefix("s3://")
-    s3 = boto3.resource("s3").Bucket(bucket)
-    s3.objects.all().delete()  # a second call must not need the bucket at all
+    sent.clear()  # a second call only looks at what the URI holds now: nothing is read again
     assert storage.local_path(f"{s3_bucket}/models/m", tmp_path / "scratch") == model
     assert storage.local_path(f"{s3_bucket}/corpus.jsonl", tmp_path / "scratch") == corpus
+    assert {operation for operation, _ in sent} == {"ListObjectsV2", "HeadObject"}
     assert (model / "config.json").read_text() == '{"k": 1}'
+
+
+def test_a_model_written_again_under_its_uri_is_downloaded_again(tmp_path, s3_bucket):
+    """The cache is keyed by content (keys, sizes, ETags): a persistent cache never serves a stale copy."""
+    storage.write_text(f"{s3_bucket}/models/m/config.json", '{"k": 1}')
+    first = storage.local_path(f"{s3_bucket}/models/m", tmp_path)
+    storage.write_text(f"{s3_bucket}/models/m/config.json", '{"k": 2}')
+    second = storage.local_path(f"{s3_bucket}/models/m", tmp_path)
+    assert second != first
+    assert (first / "config.json").read_text() == '{"k": 1}'  # a reader of the old copy keeps it
+    assert (second / "config.json").read_text() == '{"k": 2}'
 
 
 def test_local_path_of_a_missing_s3_model_names_it(tmp_path, s3_bucket):
@@ -257,14 +267,14 @@ def test_packaged_data_and_mounted_claims_read_like_files(tmp_path, monkeypatch)
 
 def _fetch_model(uri: str, scratch: str, start, downloads, results) -> None:
     """One rank of a node: wait for the others, then ask for the model at once (a spawned process)."""
-    real = storage.download_dir
+    real = storage._download_s3
 
     def counted(*args, **kwargs):
         with downloads.get_lock():
             downloads.value += 1
         return real(*args, **kwargs)
 
-    storage.download_dir = counted
+    storage._download_s3 = counted
     start.wait()
     try:
         path = storage.local_path(uri, scratch)

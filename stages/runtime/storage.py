@@ -38,6 +38,9 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 PVC_ROOT = Path("/mnt/pvc")  # the stage Job mounts each claim at /mnt/pvc/<claim>
+# Where s3:// models are kept: the Job sets it to the mounted spec.modelCache claim, shared by every
+# stage pod (and run) that mounts it; without it, the pod's own scratch.
+MODEL_CACHE_ENV = "SELFALIGN_MODEL_CACHE"
 COMPLETE_MARKER = ".selfalign-complete"  # written last into a cache folder: its download finished
 CHUNK = 1 << 20
 S3_DELETE_BATCH = 1000  # keys per DeleteObjects request, the API's limit
@@ -419,11 +422,11 @@ def download_dir(uri: str, local_dir: str | Path) -> None:
 # --- model and corpus locations ------------------------------------------------------------------
 
 def local_path(uri: str, scratch: str | Path) -> Path:
-    """A local folder or file for a model or corpus URI, downloading it once into `scratch`.
+    """A local folder or file for a model or corpus URI, downloading it once into the cache.
 
-    file:// is used in place; s3:// is copied to <scratch>/cache/<sha256 of uri> (reused when its
-    completion marker exists); pvc://claim/path is where the Job mounts the claim; hf://org/name is
-    a Hugging Face snapshot (needs egress); builtin://name ships with selfalign.
+    file:// is used in place; s3:// is copied to <cache>/<key of its content> (reused when its
+    completion marker exists; `cache_root`); pvc://claim/path is where the Job mounts the claim;
+    hf://org/name is a Hugging Face snapshot (needs egress); builtin://name ships with selfalign.
     """
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme == "file":
@@ -432,7 +435,7 @@ def local_path(uri: str, scratch: str | Path) -> Path:
             raise MissingObjectError(f"missing object: {uri}")
         return path
     if scheme == "s3":
-        return _cached_s3(uri, Path(scratch))
+        return _cached_s3(uri, cache_root(scratch))
     if scheme == "pvc":
         path = PVC_ROOT / uri.split("://", 1)[1].strip("/")
         if not path.exists():
@@ -447,14 +450,32 @@ def local_path(uri: str, scratch: str | Path) -> Path:
     raise StorageError(f"unsupported model URI (want s3://, file://, pvc://, hf:// or builtin://): {uri}")
 
 
-def _cached_s3(uri: str, scratch: Path) -> Path:
-    """Download once per node, whichever of its ranks or stages ask at the same time.
+def cache_root(scratch: str | Path) -> Path:
+    """$SELFALIGN_MODEL_CACHE (the Job's mount of spec.modelCache), else <scratch>/cache."""
+    return Path(os.environ.get(MODEL_CACHE_ENV) or Path(scratch) / "cache")
+
+
+def content_key(uri: str, objects: dict[str, tuple[int, str]]) -> str:
+    """The cache key of what `uri` holds now: its name and each object's key, size and ETag, so a
+    model written again under the same URI is a new entry, never a stale copy."""
+    digest = hashlib.sha256(uri.encode())
+    for key in sorted(objects):
+        size, etag = objects[key]
+        digest.update(f"\n{key}\t{size}\t{etag}".encode())
+    return digest.hexdigest()[:32]
+
+
+def _cached_s3(uri: str, root: Path) -> Path:
+    """Download once per cache, whichever of its ranks, stages or runs ask at the same time.
 
     The first caller takes the key's lock, downloads into a staging folder and renames it into
     place complete; the others wait on the lock, then find the folder and reuse it. A cache folder
-    exists only complete, so it is never deleted while a reader may be using it.
+    exists only complete, so it is never deleted while a reader may be using it. flock and rename
+    hold on a shared volume too (NFSv4 and CephFS lock across clients), so pods on several nodes
+    that mount one claim share one download.
     """
-    cache = scratch / "cache" / hashlib.sha256(uri.encode()).hexdigest()[:32]
+    objects = _s3_objects(uri)
+    cache = root / content_key(uri, objects)
     if (cache / COMPLETE_MARKER).exists():
         log.info("using cached copy uri=%s path=%s", uri, cache)
         return cache / (cache / COMPLETE_MARKER).read_text()  # the object's name, or "" for a folder
@@ -468,7 +489,7 @@ def _cached_s3(uri: str, scratch: Path) -> Path:
         shutil.rmtree(cache, ignore_errors=True)  # left by a version that downloaded in place
         staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".part"))
         try:
-            name = _download_s3(uri, staging)
+            name = _download_s3(uri, objects, staging)
             (staging / COMPLETE_MARKER).write_text(name)
             os.rename(staging, cache)
         except BaseException:
@@ -477,15 +498,38 @@ def _cached_s3(uri: str, scratch: Path) -> Path:
     return cache / name
 
 
-def _download_s3(uri: str, folder: Path) -> str:
-    """Copy a folder's objects, or a single object, into `folder`; the name below it ("" for a folder)."""
-    log.info("downloading uri=%s path=%s", uri, folder)
-    if list_uris(uri):
-        download_dir(uri, folder)
-        return ""
-    name = _split_s3(uri)[1].rsplit("/", 1)[-1]  # a single object, e.g. a corpus file
-    with _translated("download", uri):
-        _client().download_file(*_split_s3(uri), str(folder / name), Config=TRANSFER)
+def _s3_objects(uri: str) -> dict[str, tuple[int, str]]:
+    """key -> (size, ETag) of the objects below the folder `uri`, else of the object `uri` itself."""
+    bucket, key = _split_s3(uri)
+    folder = key.rstrip("/") + "/" if key else ""
+    found = {}
+    with _translated("list", uri):
+        for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
+            found.update((obj["Key"], (obj["Size"], obj["ETag"])) for obj in page.get("Contents", []))
+    if found:
+        return found
+    with _translated("head", uri):
+        head = _client().head_object(Bucket=bucket, Key=key)
+    return {key: (head["ContentLength"], head["ETag"])}
+
+
+def _download_s3(uri: str, objects: dict[str, tuple[int, str]], folder: Path) -> str:
+    """Copy the listed objects into `folder`; the name below it of a single object ("" for a
+    folder). Fails if the objects changed meanwhile: their copy would not match its key."""
+    log.info("downloading uri=%s path=%s objects=%d", uri, folder, len(objects))
+    bucket, key = _split_s3(uri)
+    single = list(objects) == [key]
+    name = key.rsplit("/", 1)[-1] if single else ""
+    prefix = len(key.rstrip("/") + "/") if key else 0
+    with tqdm(total=sum(size for size, _ in objects.values()), unit="B", unit_scale=True,
+              desc=f"download {uri}") as bar:
+        for obj_key in sorted(objects):
+            target = folder / (name or obj_key[prefix:])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _translated("download", f"s3://{bucket}/{obj_key}"):
+                _client().download_file(bucket, obj_key, str(target), Config=TRANSFER, Callback=bar.update)
+    if _s3_objects(uri) != objects:
+        raise StorageError(f"{uri} changed while it was downloaded; the stage's next attempt reads it again")
     return name
 
 
