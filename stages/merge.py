@@ -74,8 +74,10 @@ class Agreement:
 
 def run(ctx: StageContext) -> StageOutcome:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_dir = storage.local_path(ctx.model, ctx.scratch)
-    adapter_dir = storage.local_path(f"{ctx.stage_out(ctx.round, 'train')}/adapter", ctx.scratch)
+    # Setup is the download only: the merge streams the weights, so loading them is the work.
+    with ctx.setup("download"):
+        model_dir = storage.local_path(ctx.model, ctx.scratch)
+        adapter_dir = storage.local_path(f"{ctx.stage_out(ctx.round, 'train')}/adapter", ctx.scratch)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # with the chat template it trained on
     kept = f"{ctx.stage_out(ctx.round, 'assess')}/kept.jsonl"
     probe = probe_ids(tokenizer, probe_examples(kept), ctx.spec.train.max_seq_length)
