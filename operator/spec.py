@@ -180,7 +180,8 @@ class Train(_Model):
 
 class Merge(_Model):
     tolerance: float = Field(0.01, gt=0, le=100,
-                             description="Max abs logit difference, merged vs adapter model, on a probe batch")
+                             description="Float32 models: max abs logit difference, merged vs adapter model, "
+                                         "on a probe batch (bf16 rounding is recorded, judged by effectKept)")
 
 
 class Evaluate(_Model):
