@@ -204,7 +204,7 @@ def build_run(
         job = result.jobs[0]
         summary, metrics = results(job.round, run.uri)[job.stage]
         setup = SETUP_SECONDS[job.stage]
-        summary = {**summary, "setupSeconds": setup, "workSeconds": 42.0 - setup}  # as __main__ adds
+        summary = {**summary, "setupSeconds": setup, "workSeconds": 42.0 - setup}  # as __main__
         if (job.round, job.stage) == fail_at:
             observed[job.name] = JobObservation(
                 job.name,

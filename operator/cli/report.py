@@ -77,7 +77,7 @@ class StageView:
     phase: str  # the planner's phase; "Succeeded" when only a manifest says so; "-" not started
     attempts: int | None
     seconds: float | None
-    setup: float | None = None  # of `seconds`: start-up, imports, model download, load, engine start
+    setup: float | None = None  # of `seconds`: start-up, imports, download, load, engine start
     work: float | None = None
 
 
@@ -171,15 +171,16 @@ def stage_views(run: Run) -> list[StageView]:
         phase = record.get("phase") or ("Succeeded" if manifest else NOT_STARTED)
         seconds = stage_seconds(record, manifest)
         summary = run.summary(round_, stage)
-        views.append(StageView(round_, stage, phase, record.get("attempts"), seconds,
-                               _number(summary.get("setupSeconds")), _number(summary.get("workSeconds"))))
+        setup, work = _number(summary.get("setupSeconds")), _number(summary.get("workSeconds"))
+        views.append(StageView(round_, stage, phase, record.get("attempts"), seconds, setup, work))
     return views
 
 
 def setup_share(run: Run, round_: int) -> tuple[float, float] | None:
     """(setup seconds, setup + work seconds) of a round's stages that recorded both, or None:
     the time its stage pods spent starting, downloading and loading rather than working."""
-    views = [v for v in stage_views(run) if v.round == round_ and v.setup is not None and v.work is not None]
+    views = [v for v in stage_views(run)
+             if v.round == round_ and v.setup is not None and v.work is not None]
     if not views:
         return None
     setup = sum(v.setup for v in views)
@@ -192,7 +193,8 @@ def setup_line(run: Run, round_: int) -> str:
     if share is None or not share[1]:
         return ""
     setup, total = share
-    return f"setup {format_seconds(setup)} of {format_seconds(total)} in stages ({setup / total:.0%})"
+    return (f"setup {format_seconds(setup)} of {format_seconds(total)} in stages "
+            f"({setup / total:.0%})")
 
 
 def stage_seconds(record: dict[str, Any], manifest: dict[str, Any] | None) -> float | None:
@@ -434,7 +436,8 @@ def run_table(run: Run, artifacts_read: bool = True) -> str:
     data = [f"round {k + 1} data: {line}" for k in range(total_rounds(run))
             if (line := quality_line(run, k))]
     lines += [*data, ""] if data else []
-    times = [f"round {k + 1} time: {line}" for k in range(total_rounds(run)) if (line := setup_line(run, k))]
+    times = [f"round {k + 1} time: {line}" for k in range(total_rounds(run))
+             if (line := setup_line(run, k))]
     lines += [*times, ""] if times else []
     if status.get("message"):
         lines.append(f"message: {status['message']}")
