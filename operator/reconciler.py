@@ -20,6 +20,7 @@ controller (a deleted run of the same name, not yet collected) is never adopted;
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -44,10 +45,12 @@ EXPECTATION_TTL = 300.0  # seconds a created Job may take to show up in the inde
 REFUSAL_BACKOFF = 30.0  # seconds before a refused Job create is tried again
 RETRY_BASE, RETRY_CAP = 1.0, 60.0  # seconds: a failed pass is tried again after 1, 2, 4, ... 60 s
 RESYNC = 300.0  # seconds: every unfinished run is reconciled at least this often
-# Threads doing passes. A pass spends most of its time waiting for the API (the sync client
-# releases the GIL meanwhile), so a few threads keep a few requests in flight; more would only
-# contend for the GIL with kopf's event loop, which parses every watch event.
-WORKERS = 4
+# Threads doing passes (controller-runtime's MaxConcurrentReconciles). A pass is 3-5 API round
+# trips in a row and almost no CPU (the sync client releases the GIL while it waits), so the
+# passes a burst of transitions needs at once are bounded by threads, not cores: with 4, 200 runs
+# finishing stages within seconds of each other waited 30 s (p50) in the queue on a loaded
+# 2-core machine (bench/README.md).
+WORKERS = 16
 TRANSIENT = (ApiException, urllib3.exceptions.HTTPError)  # an API error, a timeout, a reset
 
 
@@ -60,6 +63,25 @@ def unfinished_runs(runs: Mapping) -> list[tuple[str, str]]:
     """The runs the resync reconciles: every run not Succeeded or Failed."""
     return [key for key, bodies in list(runs.items())
             if any((body.get("status") or {}).get("phase") not in FINAL_STAGE_PHASES for body in bodies)]
+
+
+def settled(run: Mapping[str, Any]) -> bool:
+    """A run finished at its current spec (Succeeded or Failed, status observed at its
+    generation): no pass has anything to do for it until its spec changes (a retry raises the
+    generation) or it is deleted, so neither kopf's index nor the reconciler keeps more of it
+    than `settled_facts`."""
+    status, generation = run.get("status") or {}, run["metadata"].get("generation")
+    return status.get("phase") in FINAL_STAGE_PHASES and generation is not None and \
+        status.get("observedGeneration") == generation
+
+
+def settled_facts(run: Mapping[str, Any]) -> dict[str, Any]:
+    """What is kept of a settled run: enough to tell it is settled, for the resync and for the
+    per-run gauges (metrics.py reads the phase and round of a finished run)."""
+    meta, status = run["metadata"], run.get("status") or {}
+    return {"metadata": {key: meta[key] for key in ("namespace", "name", "uid", "resourceVersion", "generation",
+                                                     "deletionTimestamp") if key in meta},
+            "status": {key: status[key] for key in ("phase", "round", "observedGeneration") if key in status}}
 
 
 def _retrying(read: Callable[[], list], attempts: int = 10) -> list:
@@ -103,7 +125,7 @@ class Reconciler:
         self.queue = WorkQueue()  # the runs to reconcile: one pass at a time per run
         self._expected: dict[tuple[str, str], tuple[float, str]] = {}  # (namespace, Job) -> when, by which run uid
         self._written: dict[tuple[str, str], dict[str, Any]] = {}  # run -> as our last status write stored it
-        self._config_maps: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}  # (ns, ConfigMap) -> run uid, data
+        self._config_maps: dict[tuple[str, str], tuple[str, str]] = {}  # (ns, ConfigMap) -> run uid, data digest
         self._policies: dict[tuple[str, str], str] = {}  # run -> uid of the run its NetworkPolicy exists for
         self._specs: dict[tuple[str, str], tuple[tuple, RunSpec | SpecError]] = {}  # run -> (uid, generation), spec
         self._refused: dict[tuple[str, str], dict[str, tuple[float, JobObservation]]] = {}  # run -> Job -> when, why
@@ -242,18 +264,20 @@ class Reconciler:
     def _load(self, namespace: str, name: str, runs: Mapping) -> dict[str, Any] | None:
         """The newer of the run as the watch last delivered it and as this process last wrote it.
         Reading the watch's copy alone would plan from a status older than our own write until its
-        echo arrives (the write would only get a 409; TTL-deleted Jobs could be re-created)."""
+        echo arrives (the write would only get a 409; TTL-deleted Jobs could be re-created).
+        None, and nothing remembered of the run, once it is gone or settled."""
         key = (namespace, name)
         watched = next(iter(runs.get(key, ())), None)
         with self._guard:
             written = self._written.get(key)
-            if watched is None:  # deleted (or not listed yet: its own event comes)
+            if watched is None or settled(watched):  # deleted (or not listed yet: its own event comes), or done
                 self._written.pop(key, None)
                 self._specs.pop(key, None)
                 self._refused.pop(key, None)
                 self._failures.pop(key, None)
-                self._config_maps.pop((namespace, config_map_name(name)), None)
-                self._policies.pop(key, None)
+                if watched is None:  # a settled run keeps these two digests: a retry needs no GET
+                    self._config_maps.pop((namespace, config_map_name(name)), None)
+                    self._policies.pop(key, None)
                 return None
             if written is None:
                 return watched
@@ -348,14 +372,15 @@ class Reconciler:
         restart): create it, or, when it is this run's already, bring its data to the spec."""
         meta = config_map["metadata"]
         key, data = (meta["namespace"], meta["name"]), config_map.get("data", {})
+        digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()  # not the data: 1,000 runs
         with self._guard:
             applied = self._config_maps.get(key)
-        if applied == (uid, data):
+        if applied == (uid, digest):
             return
         if (applied is not None and applied[0] == uid) or not self._create(config_map, uid):
             self.kube.update_config_map(config_map)
         with self._guard:
-            self._config_maps[key] = (uid, data)
+            self._config_maps[key] = (uid, digest)
 
     def _ensure_network_policy(self, namespace: str, name: str, owner: dict, uid: str) -> None:
         """Create the run's NetworkPolicy (when the chart asks for one) once per run: it depends

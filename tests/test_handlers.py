@@ -21,7 +21,8 @@ from kubernetes.client.exceptions import ApiException
 
 from selfalign.operator import reconciler as reconciler_module
 from selfalign.operator.observe import controller_uid
-from selfalign.operator.reconciler import Cache, Reconciler, retry_delay, unfinished_runs
+from selfalign.operator.reconciler import (Cache, Reconciler, retry_delay, settled, settled_facts,
+                                           unfinished_runs)
 from selfalign.operator.naming import LABEL_JOB
 from selfalign.operator.settings import OperatorSettings
 from selfalign.operator.workqueue import WorkQueue
@@ -74,7 +75,7 @@ def test_a_pass_reads_the_newer_of_the_watch_and_its_own_last_write(watched, wri
 
 def test_a_deleted_run_is_forgotten():
     reconciler = reconciler_that_wrote(run("6", "Succeeded"), stored=run("6", "Succeeded"))
-    reconciler._config_maps[("ns", "r-spec")] = {"spec.json": "{}"}
+    reconciler._config_maps[("ns", "r-spec")] = ("uid", "digest")
     assert reconciler._load("ns", "r", {}) is None
     assert reconciler._written == {} and reconciler._config_maps == {}
 
@@ -485,3 +486,44 @@ async def test_the_event_handlers_only_queue_the_run():
     await pod_changed(namespace="ns", labels={LABEL_JOB: SYNTH}, memo=memo, job_runs={("ns", SYNTH): ["r"]})
     assert reconciler.kube.calls == [] and reconciler.queue.get() == ("ns", "r") and reconciler.queue.pending() == 0
     reconciler.close()
+
+
+# ---- a finished run keeps almost nothing in memory (issue 17) ------------------------------------
+
+def finished(phase: str = "Succeeded", observed: int = 1, generation: int = 1) -> dict:
+    body = a_run(status={"phase": phase, "observedGeneration": observed, "round": 0, "message": "m" * 500,
+                         "rounds": [{"round": 0, "stages": {"synthesize": {"phase": phase}}}]})
+    body["metadata"]["generation"] = generation
+    return body
+
+
+@pytest.mark.parametrize("body, is_settled", [
+    (finished(), True), (finished("Failed"), True),
+    (finished("Failed", observed=1, generation=2), False),  # a retry raised the generation: one more pass
+    (a_run(status={"phase": "Running", "observedGeneration": 1}), False),
+])
+async def test_the_runs_index_keeps_only_a_few_fields_of_a_settled_run(body, is_settled):
+    from selfalign.operator.handlers import runs as runs_index
+
+    kept = (await runs_index(namespace="ns", name="r", body=kopf.Body(body)))[("ns", "r")]
+    assert settled(body) == is_settled and settled(kept) == is_settled
+    if is_settled:
+        assert "spec" not in kept and "rounds" not in kept["status"] and "message" not in kept["status"]
+        assert kept["status"]["phase"] == body["status"]["phase"] and kept["metadata"]["name"] == "r"
+        assert unfinished_runs({("ns", "r"): [kept]}) == []
+    else:
+        assert kept == body
+
+
+def test_a_settled_run_gets_no_pass_and_the_reconciler_forgets_it(reconciler_with):
+    kube = ApiDouble()
+    reconciler = reconciler_with(kube)
+    reconciler.reconcile("ns", "r", cache_of(a_run()), LOG)  # a pass: spec, ConfigMap, status remembered
+    assert ("ns", "r") in reconciler._specs and reconciler._config_maps and ("ns", "r") in reconciler._written
+    calls = len(kube.calls)
+    settled_copy = settled_facts(finished(observed=1) | {"metadata": {**a_run()["metadata"], "resourceVersion": "9"}})
+    reconciler.reconcile("ns", "r", cache_of(settled_copy), LOG)
+    assert len(kube.calls) == calls  # nothing sent
+    assert not reconciler._specs and not reconciler._written
+    [(uid, digest)] = reconciler._config_maps.values()  # a digest of the ConfigMap applied, not its data
+    assert uid == "uid-new" and len(digest) == 64
