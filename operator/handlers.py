@@ -70,6 +70,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, runs: kopf.Index
     for resource, selector in CHILD_SELECTORS.items():
         settings.watching.label_selectors[resource] = selector
     memo.reconciler = Reconciler(Kube(kubernetes.client.ApiClient()), OperatorSettings.from_env(os.environ))
+    # The per-run gauges are read at scrape time from kopf's run index (settled runs keep the phase
+    # and round they read): no copy of the runs to keep in step.
+    metrics.track_runs(lambda: [body for bodies in list(runs.values()) for body in bodies],
+                       memo.reconciler.settings)
     memo.reconciler.start(Cache(runs, run_jobs, job_pods), logger)
 
 
@@ -180,5 +184,4 @@ def run_operator(namespaces: list[str] | None, peering: str | None, liveness: st
         kubernetes.config.load_kube_config()
     if metrics_port:
         metrics.serve_metrics(metrics_port)
-    kopf.configure(verbose=False)
     kopf.run(**operator_options(namespaces, peering), liveness_endpoint=liveness)

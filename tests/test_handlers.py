@@ -15,6 +15,7 @@ import pytest
 import urllib3
 
 from selfalign.operator.handlers import NoDiffBase, configure, job_changed, pod_changed, pod_matters, run_changed
+from selfalign.operator import metrics
 from selfalign.operator.kube import Kube, compare_resource_versions
 from selfalign.operator.planner import Event
 from kubernetes.client.exceptions import ApiException
@@ -119,6 +120,17 @@ def test_configure_skips_kopfs_per_event_diff():
     assert isinstance(storage, NoDiffBase)
     body = kopf.Body({"metadata": {"name": "j", "labels": {"a": "b"}}, "spec": {"template": {"spec": {}}}})
     assert storage.build(body=body) == {} and storage.fetch(body=body) is None
+
+
+def test_configure_serves_the_per_run_gauges_from_kopfs_run_index():
+    run = {"metadata": {"namespace": "team-a", "name": "r1", "generation": 1},
+           "spec": {}, "status": {"phase": "Running", "round": 0, "observedGeneration": 1}}
+    settings, memo = kopf.OperatorSettings(), kopf.Memo()
+    configure(settings=settings, memo=memo, logger=logging.getLogger("test"),
+              **{**NO_INDICES, "runs": {("team-a", "r1"): [run]}})
+    memo.reconciler.close()
+    assert metrics.REGISTRY.get_sample_value(
+        "selfalign_run_phase", {"namespace": "team-a", "run": "r1", "phase": "Running"}) == 1
 
 
 @pytest.fixture
