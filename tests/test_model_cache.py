@@ -11,6 +11,7 @@ from selfalign.operator import jobs
 from selfalign.operator.spec import STAGES
 from selfalign.stages.runtime import storage
 from tests.test_jobs import VARIANTS, build, container, env_of, the_job
+from tests.test_storage import _fetch_model
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -40,24 +41,12 @@ def test_the_cache_root_is_the_mount_when_set_else_scratch(tmp_path, monkeypatch
 
 
 def _stage_fetch(uri: str, cache: str, scratch: str, start, downloads, results) -> None:
-    """One stage pod (a spawned process with its own scratch) asking for the round's model."""
+    """One stage pod (a spawned process with its own scratch) asking for the round's model, with
+    the cache root the Job gives it; the fetch and its download count are test_storage's."""
     import os
 
     os.environ[storage.MODEL_CACHE_ENV] = cache  # as the Job sets it
-    real = storage._download_s3
-
-    def counted(*args, **kwargs):
-        with downloads.get_lock():
-            downloads.value += 1
-        return real(*args, **kwargs)
-
-    storage._download_s3 = counted
-    start.wait()
-    try:
-        path = storage.local_path(uri, scratch)
-        results.put(("ok", str(path), sorted((p.name, p.read_bytes()) for p in path.iterdir())))
-    except Exception as exc:  # reported to the test, which names it
-        results.put(("error", f"{type(exc).__name__}: {exc}", []))
+    _fetch_model(uri, scratch, start, downloads, results)
 
 
 def test_stages_sharing_one_cache_download_a_model_once(tmp_path, s3_bucket):
