@@ -50,10 +50,16 @@ TOO_LONG = "judge-prompt-too-long"
 LOW_MASS = "judge-label-mass-below-floor"
 YES_NO = ("yes", "no")
 SCORE_PREFIX = "Score:"  # opens the judge's assistant turn in chat form (prompting.py)
-AITP_CRITERIA = {  # the last line of judge_aitp.txt per criterion, and its labels
-    "quality": ("Quality (score 1-10): ", None),
-    "difficulty": ("Difficulty (score 1-10): ", None),
-    "additionalInfoNeeded": ("Additional information needed (yes or no): ", YES_NO),
+ANSWER_PREFIX = "Answer:"
+# AITP's three criteria, each asked as a question after the rubric (judge_aitp.txt), with the
+# prefix that opens the judge's reply and the labels. Prefilling the rubric's own line instead
+# ("Quality (score 1-10): ") left SmolLM2-135M 0.27 of its mass on the scores and 0.02 on yes/no,
+# so every rewrite fell under the label-mass floor (docs/architecture.md, "A real model").
+AITP_CRITERIA = {
+    "quality": ("How clear and accurate is the query? Reply with a score from 1 to 10.", SCORE_PREFIX, None),
+    "difficulty": ("How difficult is the query? Reply with a score from 1 to 10.", SCORE_PREFIX, None),
+    "additionalInfoNeeded": ("Does answering the query need information that the query does not give? "
+                             "Reply with yes or no.", ANSWER_PREFIX, YES_NO),
 }
 HISTOGRAM_EDGES = np.arange(0.5, 11.5)  # one bin per integer score 1..10
 
@@ -180,13 +186,10 @@ def judge(engine: Engine, candidates: Sequence[Candidate]) -> dict[str, Judged |
         found = {name: column[i] for name, column in columns.items()}
         results[c.id] = None if None in found.values() else found
     columns = {}
-    for name, (criterion, labels) in AITP_CRITERIA.items():
+    for name, (question, prefix, labels) in AITP_CRITERIA.items():
         prompts = [
-            engine.prompt(
-                JUDGE,
-                template("judge_aitp.txt").format(query=request_text(c), criterion=criterion),
-                criterion.strip(),
-            )
+            engine.prompt(JUDGE, template("judge_aitp.txt").format(query=request_text(c), question=question),
+                          prefix, prefix_raw=True)
             for c in rewritten
         ]
         columns[name] = engine.score(prompts, labels or range(1, 11), desc=f"judge {name}")

@@ -10,6 +10,7 @@ from selfalign.stages.assess import (
     DUPLICATE,
     LOW_MASS,
     duplicates,
+    judge,
     prob_above,
     rule_rejection,
     score_rejections,
@@ -18,6 +19,7 @@ from selfalign.stages.assess import (
 )
 from selfalign.stages.text.dedup import RougeDeduper
 from selfalign.stages.models.engines import ScoreDistribution
+from selfalign.stages.text import prompting
 from selfalign.stages.text.records import Candidate
 from tests.test_engine import chain_model_dir  # noqa: F401 - a fixture
 from tests.test_synthesize import base_spec, run_stage, upload_seeds, write_spec
@@ -125,6 +127,35 @@ def test_rewrites_skip_the_keyword_rules_that_would_remove_gap_domains():
     assert rule_rejection(rewrite, ["self-instruct", "isheep"]) is None
     generated = candidate("Which file format does the archive in the passage use?")
     assert rule_rejection(generated, ["self-instruct"]) == "blacklisted-word"
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_rewrites_are_asked_each_criterion_as_a_question_and_the_reply_opens_at_its_label(chat):
+    """Prefilling the rubric's line put 0.27 (scores) and 0.02 (yes/no) of SmolLM2's mass on the
+    labels; asked as a question with "Score:"/"Answer:" opening the reply: 0.87/0.88/0.57."""
+    asked = {}
+
+    class Recorder:
+        def prompt(self, kind, text, answer_prefix="", prefix_raw=False):
+            assert kind == prompting.JUDGE
+            return prompting.build(text, chat, answer_prefix, prefix_raw)
+
+        def score(self, prompts, labels=range(1, 11), desc=""):
+            asked[desc] = (prompts, tuple(labels))
+            return [ScoreDistribution(tuple(labels), (1.0,) + (0.0,) * (len(labels) - 1), 1.0)] * len(prompts)
+
+    found = judge(Recorder(), [candidate("Which format does the archive use?", origin="aitp", id="a1")])
+    assert set(found["a1"]) == {"quality", "difficulty", "additionalInfoNeeded"}
+    for criterion, prefix, labels in [("quality", "Score:", tuple(range(1, 11))),
+                                      ("difficulty", "Score:", tuple(range(1, 11))),
+                                      ("additionalInfoNeeded", "Answer:", ("yes", "no"))]:
+        (prompt,), asked_labels = asked[f"judge {criterion}"]
+        assert asked_labels == labels
+        if chat:
+            assert prompt[-1] == {"role": "assistant", "content": prefix}
+            assert prompt[-2]["content"].endswith(f"Reply with {'yes or no' if prefix == 'Answer:' else 'a score from 1 to 10'}.")
+        else:
+            assert prompt.endswith(f".\n{prefix}") and "Which format does the archive use?" in prompt
 
 
 def test_a_self_instruct_tasks_instances_share_its_dedup_decision():

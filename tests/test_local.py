@@ -129,24 +129,59 @@ def test_watching_a_local_run_prints_each_change_until_it_ends(tmp_path, capsys,
                      "run w: Failed, round 2 stage merge"]
 
 
-def test_ctrl_c_stops_the_running_stage_and_the_same_command_resumes(tmp_path):
-    script = (f"import sys, yaml\nfrom pathlib import Path\n"
-              f"from selfalign.operator.cli.local import load_run, run_local\n"
-              f"run = load_run(yaml.safe_load(open({str(REPO / 'examples' / 'tiny.yaml')!r})), "
-              f"{(tmp_path / 'runs').as_uri()!r})\n"
-              f"sys.exit(run_local(run, Path({str(tmp_path / 'scratch')!r}), stage_command=tuple(sys.argv[1:])))\n")
-    sleeper = (sys.executable, "-c", "import time; print('stage started', flush=True); time.sleep(60)")
-    started = subprocess.Popen([sys.executable, "-c", script, *sleeper], stdout=subprocess.PIPE, text=True,
-                               start_new_session=True)
+def runner_script(tmp_path: Path) -> str:
+    """A `selfalign run` of examples/tiny.yaml whose stage command is this script's arguments."""
+    return (f"import sys, yaml\nfrom pathlib import Path\n"
+            f"from selfalign.operator.cli.local import load_run, run_local\n"
+            f"run = load_run(yaml.safe_load(open({str(REPO / 'examples' / 'tiny.yaml')!r})), "
+            f"{(tmp_path / 'runs').as_uri()!r})\n"
+            f"sys.exit(run_local(run, Path({str(tmp_path / 'scratch')!r}), stage_command=tuple(sys.argv[1:])))\n")
+
+
+def interrupt_when_started(tmp_path: Path, stage: tuple[str, ...]) -> tuple[int, str]:
+    """Start the runner with `stage`, Ctrl-C its process group once the stage printed "stage started"."""
+    started = subprocess.Popen([sys.executable, "-c", runner_script(tmp_path), *stage], stdout=subprocess.PIPE,
+                               text=True, start_new_session=True)
     log = tmp_path / "runs" / "local" / "tiny" / "logs" / "round-0-synthesize.log"
     deadline = time.monotonic() + 60
     while "stage started" not in (log.read_text() if log.exists() else ""):
         assert time.monotonic() < deadline and started.poll() is None
         time.sleep(0.1)
     os.killpg(started.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
-    out, _ = started.communicate(timeout=30)
-    assert started.returncode == 130
+    out, _ = started.communicate(timeout=60)
+    return started.returncode, out
+
+
+def test_ctrl_c_stops_the_running_stage_and_the_same_command_resumes(tmp_path):
+    sleeper = (sys.executable, "-c", "import time; print('stage started', flush=True); time.sleep(60)")
+    code, out = interrupt_when_started(tmp_path, sleeper)
+    assert code == 130
     assert out.splitlines()[-1] == "stopped during round 1 synthesize; run the same command again to resume"
-    resumed = subprocess.run([sys.executable, "-c", script, *FAKE], capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run([sys.executable, "-c", runner_script(tmp_path), *FAKE], capture_output=True,
+                             text=True, timeout=120)
     model = f"{(tmp_path / 'runs').as_uri()}/local/tiny/models/round-2"
     assert resumed.returncode == 0 and resumed.stdout.splitlines()[-1].endswith(f"2 rounds finished; model {model}")
+
+
+def test_a_stage_that_ignores_ctrl_c_is_terminated_and_the_run_stops(tmp_path):
+    stubborn = (sys.executable, "-c", "import os, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "print('stage started', os.getpid(), flush=True); time.sleep(120)")
+    code, out = interrupt_when_started(tmp_path, stubborn)
+    assert code == 130 and out.splitlines()[-1].startswith("stopped during round 1 synthesize")
+    log = (tmp_path / "runs" / "local" / "tiny" / "logs" / "round-0-synthesize.log").read_text()
+    stage_pid = int(log.split("stage started ")[1].split()[0])
+    with pytest.raises(ProcessLookupError):  # ended and reaped, not left running on its own
+        os.kill(stage_pid, 0)
+
+
+def test_ctrl_c_as_a_stage_finishes_keeps_its_result_and_starts_nothing_more(tmp_path):
+    # The stage interrupts its runner and then completes: Ctrl-C landing as a stage exits.
+    finishing = (sys.executable, "-c", "import os, runpy, signal, sys; os.kill(os.getppid(), signal.SIGINT); "
+                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')", FAKE[1])
+    run = subprocess.run([sys.executable, "-c", runner_script(tmp_path), *finishing], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 130, run.stderr
+    assert run.stdout.splitlines()[-1] == "stopped before round 1 assess; run the same command again to resume"
+    status = json.loads((tmp_path / "runs" / "local" / "tiny" / "status.json").read_text())
+    assert status["rounds"][0]["stages"]["synthesize"]["phase"] == "Succeeded"
+    assert not (tmp_path / "runs" / "local" / "tiny" / "logs" / "round-0-assess.log").exists()

@@ -49,6 +49,18 @@ def test_a_model_without_a_template_gets_raw_text_for_every_kind(tokenizers):
         assert render_prompt(without, prompt) == ("Rate this: ", True)
 
 
+def test_a_question_judge_ends_at_its_answer_prefix_in_both_forms(tokenizers):
+    """AITP's criteria end with a question: raw text gets the prefix as its last line, chat the
+    assistant turn, and the prefix is not repeated in the user turn."""
+    with_template, without = tokenizers
+    raw = prompting.build("Is it clear? Reply with yes or no.\n", False, "Answer:", prefix_raw=True)
+    assert render_prompt(without, raw) == ("Is it clear? Reply with yes or no.\nAnswer:", True)
+    chat, _ = render_prompt(with_template, prompting.build("Is it clear? Reply with yes or no.", True, "Answer:",
+                                                           prefix_raw=True))
+    assert chat.endswith("Reply with yes or no.<|im_end|>\n<|im_start|>assistant\nAnswer:")
+    assert chat.count("Answer:") == 1
+
+
 def test_spellings_of_a_label():
     assert spellings("yes") == ["yes", " yes", "Yes", " Yes"]
     assert spellings("7") == ["7", " 7"]

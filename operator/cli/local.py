@@ -5,7 +5,10 @@ stage the plan asks for as a subprocess (the same command a Job runs), observe i
 result file, plan again. Exit code 2 (bad input) fails the stage at once; other failures are
 retried up to `spec.backoffLimit` times, as the Job's podFailurePolicy does on a cluster. Status
 is the memory: Ctrl-C stops the running stage, and the same command later resumes where it
-stopped (a stage with a manifest is complete; partial outputs are overwritten).
+stopped (a stage with a manifest is complete; partial outputs are overwritten). Ctrl-C only sets
+a flag that the loop checks: a KeyboardInterrupt raised at an arbitrary line can land in a
+finalizer or a library's cleanup and be swallowed, and a CI run once went on with the campaign
+after Ctrl-C that way; a flag cannot be lost.
 
 The terminal gets one line per stage (campaign progress, result, ETA); what the stage itself
 prints (vLLM, DeepSpeed, progress bars) goes to its log file in the run's folder,
@@ -17,14 +20,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 from ..lineage import run_uri
@@ -34,6 +40,7 @@ from ..spec import STAGES, RunSpec, dump_spec, parse_spec
 LOCAL_NAMESPACE = "local"
 EXIT_BAD_INPUT = 2  # the stage's "retrying cannot help" exit code (stages/__main__.py)
 REFRESH_SECONDS = 1.0  # the running stage's line on a terminal
+STOP_GRACE_SECONDS = 10.0  # a stopped stage's time to exit on its own Ctrl-C, then to SIGTERM
 BAR_WIDTH = 20
 STAGE_COMMAND = (sys.executable, "-m", "selfalign.stages")  # what a stage Job runs
 
@@ -96,30 +103,56 @@ def run_local(run: LocalRun, scratch: Path, echo: Callable[[str], None] = print,
     storage.write_json(f"{run.uri}/spec.json", dump_spec(run.spec))  # for status and report
     echo(f"stage logs: {run.uri}/logs/ (selfalign logs {run.name} --round K --stage S)")
     progress = Progress(run.spec.rounds, time.monotonic())
-    while True:
-        result = plan(run.spec, status, observed, datetime.now(timezone.utc),
-                      namespace=LOCAL_NAMESPACE, name=run.name, generation=1)
-        if result.status != status:
-            storage.write_json(run.status_uri, result.status)
-        status = result.status
-        for event in result.events:
-            if event.reason.startswith("Run") and event.reason != "RunRunning":
-                echo(f"[{progress.elapsed()}] {event.message}")
-        job = next((j for j in result.jobs if j.name not in observed or observed[j.name].phase == "Active"), None)
-        if job is None:
-            return 0 if status["phase"] == "Succeeded" else 1
-        if job.name not in observed:
-            # Record the stage as running (and when it started) before it runs, as a Job would show.
-            observed[job.name] = JobObservation(job.name, job.round, job.stage, "Active", start_time=_now())
-            continue
-        done = sum(1 for entry in status.get("rounds") or [] for record in entry["stages"].values()
-                   if record.get("phase") == "Succeeded")
-        try:
-            observed[job.name] = _run_stage(run, job, spec_file, scratch, stage_command, verbose,
-                                            _Line(progress, done, job, echo, live))
-        except KeyboardInterrupt:
-            echo(f"stopped during round {job.round + 1} {job.stage}; run the same command again to resume")
-            return 130
+    with _ctrl_c_as_flag() as stop:
+        while True:
+            result = plan(run.spec, status, observed, datetime.now(timezone.utc),
+                          namespace=LOCAL_NAMESPACE, name=run.name, generation=1)
+            if result.status != status:
+                storage.write_json(run.status_uri, result.status)
+            status = result.status
+            for event in result.events:
+                if event.reason.startswith("Run") and event.reason != "RunRunning":
+                    echo(f"[{progress.elapsed()}] {event.message}")
+            job = next((j for j in result.jobs if j.name not in observed or observed[j.name].phase == "Active"),
+                       None)
+            if job is None:
+                return 0 if status["phase"] == "Succeeded" else 1
+            if stop.is_set():
+                echo(f"stopped before round {job.round + 1} {job.stage}; {RESUME}")
+                return 130
+            if job.name not in observed:
+                # Record the stage as running (and when it started) before it runs, as a Job would show.
+                observed[job.name] = JobObservation(job.name, job.round, job.stage, "Active", start_time=_now())
+                continue
+            done = sum(1 for entry in status.get("rounds") or [] for record in entry["stages"].values()
+                       if record.get("phase") == "Succeeded")
+            try:
+                observed[job.name] = _run_stage(run, job, spec_file, scratch, stage_command, verbose,
+                                                _Line(progress, done, job, echo, live), stop)
+            except _Stopped:
+                echo(f"stopped during round {job.round + 1} {job.stage}; {RESUME}")
+                return 130
+
+
+RESUME = "run the same command again to resume"
+
+
+class _Stopped(Exception):
+    """Ctrl-C ended the running stage's attempt: not a failure, nothing to retry."""
+
+
+@contextmanager
+def _ctrl_c_as_flag() -> Iterator[threading.Event]:
+    """SIGINT sets the yielded flag instead of raising KeyboardInterrupt (module docstring)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # only it can take signals
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -175,7 +208,7 @@ class _Line:
 
 
 def _run_stage(run: LocalRun, job: EnsureJob, spec_file: Path, scratch: Path, stage_command: tuple[str, ...],
-               verbose: bool, line: _Line) -> JobObservation:
+               verbose: bool, line: _Line, stop: threading.Event) -> JobObservation:
     """Run one stage like a Job with `backoffLimit` retries; return what it shows when it ends."""
     from selfalign.stages.runtime import storage
 
@@ -196,8 +229,10 @@ def _run_stage(run: LocalRun, job: EnsureJob, spec_file: Path, scratch: Path, st
                    "SELFALIGN_RESULT_PATH": str(result_path)}
             log.write(f"=== {_now()} attempt {failures + 1}: {' '.join(command)}\n".encode())
             log.flush()
-            code = _attempt(command, env, log, verbose, line, f"running (attempt {failures + 1})")
+            code = _attempt(command, env, log, verbose, line, f"running (attempt {failures + 1})", stop)
             result = _read_result(result_path)
+        if code != 0 and stop.is_set():
+            raise _Stopped
         if not log_uri.startswith("file://"):
             storage.write_bytes(log_uri, log_path.read_bytes())
         if code == 0:
@@ -216,23 +251,45 @@ def _run_stage(run: LocalRun, job: EnsureJob, spec_file: Path, scratch: Path, st
 
 
 def _attempt(command: list[str], env: dict[str, str], log: IO[bytes], verbose: bool, line: _Line,
-             state: str) -> int:
+             state: str, stop: threading.Event) -> int:
     """One run of the stage process, its output to `log` (and to stdout when `verbose`)."""
-    if verbose:
-        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
-            for chunk in process.stdout:
-                log.write(chunk)
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.buffer.flush()
-            return process.wait()
-    with subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT) as process:
-        began = time.monotonic()
-        while True:
-            line.update(f"{state} {_clock(time.monotonic() - began)}")
-            try:
-                return process.wait(timeout=REFRESH_SECONDS)
-            except subprocess.TimeoutExpired:
-                continue
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE if verbose else log,
+                          stderr=subprocess.STDOUT) as process:
+        if not verbose:
+            return _wait(process, stop, lambda seconds: line.update(f"{state} {_clock(seconds)}"))
+        copier = threading.Thread(target=_tee, args=(process.stdout, log), daemon=True)
+        copier.start()
+        code = _wait(process, stop, lambda seconds: None)
+        copier.join(timeout=STOP_GRACE_SECONDS)  # a stage's own children may hold the pipe open
+        return code
+
+
+def _wait(process: subprocess.Popen, stop: threading.Event, tick: Callable[[float], None]) -> int:
+    """The stage's exit code; after Ctrl-C, it gets a grace period (the terminal sent it Ctrl-C
+    too), then SIGTERM, then SIGKILL, so that a stage that ignores Ctrl-C cannot hold the run."""
+    began = time.monotonic()
+    while not stop.is_set():
+        tick(time.monotonic() - began)
+        try:
+            return process.wait(timeout=REFRESH_SECONDS)
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        return process.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+    try:
+        return process.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def _tee(source: IO[bytes], log: IO[bytes]) -> None:
+    for chunk in source:
+        log.write(chunk)
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
 
 
 def _local_log(log_uri: str, fallback_dir: Path) -> Path:

@@ -252,10 +252,10 @@ class Engine:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def prompt(self, kind: Kind, text: str, answer_prefix: str = "") -> Prompt:
+    def prompt(self, kind: Kind, text: str, answer_prefix: str = "", prefix_raw: bool = False) -> Prompt:
         """`text` sent the way prompting.py chose for `kind` on this model."""
         chat = prompting.uses_chat(kind, self.chat_mode, self.has_chat_template)
-        return prompting.build(text, chat, answer_prefix)
+        return prompting.build(text, chat, answer_prefix, prefix_raw)
 
     def render(self, prompt: Prompt) -> tuple[str, bool]:
         return render_prompt(self.tokenizer, prompt)

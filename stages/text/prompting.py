@@ -32,11 +32,12 @@ def uses_chat(kind: Kind, mode: ChatMode, has_template: bool) -> bool:
     return mode == "always" or kind in CHAT_KINDS
 
 
-def build(text: str, chat: bool, answer_prefix: str = "") -> Prompt:
-    """Raw: `text` as it is (a raw judge prompt already ends where the score goes). Chat: a system
-    and a user turn, then the assistant turn opened by `answer_prefix` when there is one."""
+def build(text: str, chat: bool, answer_prefix: str = "", prefix_raw: bool = False) -> Prompt:
+    """Raw: `text` as it is (I-SHEEP's judge wording already ends where the score goes), or with
+    `answer_prefix` as its last line when `prefix_raw` (a text that ends with a question). Chat: a
+    system and a user turn, then the assistant turn opened by `answer_prefix` when there is one."""
     if not chat:
-        return text
+        return f"{text.rstrip()}\n{answer_prefix}" if prefix_raw else text
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": text.rstrip()}]
     if answer_prefix:
