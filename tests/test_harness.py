@@ -122,6 +122,14 @@ async def test_lists_and_watches_filter_by_label_selector(emulator):
     assert names(await watch(emulator, CONFIGMAPS, 1, labelSelector="!run")) == [("ADDED", "none")]
 
 
+async def test_a_reaction_a_test_adds_answers_before_the_stored_objects(emulator):
+    await api(emulator, "POST", CONFIGMAPS, config_map("a"))
+    assert (await api(emulator, "GET", f"{CONFIGMAPS}/a"))["metadata"]["name"] == "a"  # kmock's own reaction
+    emulator[f"get {CONFIGMAPS}/a"] << {"kind": "ConfigMap", "metadata": {"name": "from-the-test"}}
+    assert (await api(emulator, "GET", f"{CONFIGMAPS}/a"))["metadata"]["name"] == "from-the-test"
+    assert [i["metadata"]["name"] for i in (await api(emulator, "GET", CONFIGMAPS))["items"]] == ["a"]
+
+
 # ---- the emulator: garbage collection, the CRD's schema --------------------------------------------
 
 async def test_dependents_are_collected_in_the_background_after_their_owner(emulator):
