@@ -4,7 +4,7 @@ A pass is level-triggered and idempotent: read the run, its Jobs and their Pods 
 in-memory indices (filled by the same watch streams that deliver the events, as an informer cache
 is), `plan`, write the status once (only if it changed, through the status subresource, before any
 child exists), create what the plan needs (409 = done when the existing child is the run's own, by
-uid), then post the plan's Events. The API sees writes, and reads only to learn whose a 409's
+uid), then hand the plan's Events to poster threads (reconciler.py). The API sees writes, and reads only to learn whose a 409's
 object is (or the run, where resourceVersions are not integers). The triggers are the run's own watch (whose initial listing also resumes every run after a restart) and its
 children's watches, filtered by label on the server; a Pod matters when it ends (its termination
 message is the stage's result), waits (unschedulable, pulling an image, mounting) or runs. A renewed

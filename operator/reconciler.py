@@ -6,7 +6,9 @@ waits for a pass and kopf's watch streams and indices keep up whatever the passe
 threads take keys from the queue: one pass at a time per run, every event that arrives while a
 run waits or is reconciled folded into one more pass. A pass reads kopf's indices (`Cache`), calls
 the pure planner, and acts through `Kube`, the one module that talks to the API (the official
-sync client, in the worker thread).
+sync client, in the worker thread). The Events a pass's plan announces go, once its status write
+has succeeded, to EVENT_POSTERS threads of their own, as client-go's EventRecorder hands them to
+its broadcaster: the worker is free for the next run instead of waiting for 2-3 more round trips.
 
 Events alone are not enough on a real API server: kopf does not retry `on.event` handlers, and a
 renewed watch resumes from its last resourceVersion, so nothing is delivered again. A failed pass
@@ -24,6 +26,7 @@ import hashlib
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Callable, Mapping
@@ -51,6 +54,7 @@ RESYNC = 300.0  # seconds: every unfinished run is reconciled at least this ofte
 # finishing stages within seconds of each other waited 30 s (p50) in the queue on a loaded
 # 2-core machine (bench/README.md).
 WORKERS = 16
+EVENT_POSTERS = 4  # threads posting the passes' Events (a few per transition, each a round trip)
 TRANSIENT = (ApiException, urllib3.exceptions.HTTPError)  # an API error, a timeout, a reset
 
 
@@ -131,6 +135,7 @@ class Reconciler:
         self._refused: dict[tuple[str, str], dict[str, tuple[float, JobObservation]]] = {}  # run -> Job -> when, why
         self._failures: dict[tuple[str, str], int] = {}  # run -> failed passes in a row
         self._closed = threading.Event()
+        self._posters = ThreadPoolExecutor(EVENT_POSTERS, thread_name_prefix="selfalign-events")
 
     def start(self, cache: Cache, logger: Any, resync: float | None = None) -> None:
         """Start WORKERS worker threads on the queue, and the resync: every unfinished run queued
@@ -148,9 +153,11 @@ class Reconciler:
         threading.Thread(target=loop, name="selfalign-resync", daemon=True).start()
 
     def close(self) -> None:
-        """Stop the workers, the resync and every scheduled pass (the operator is stopping)."""
+        """Stop the workers, the resync, every scheduled pass and the Events not posted yet (the
+        operator is stopping)."""
         self._closed.set()
         self.queue.shut_down()
+        self._posters.shutdown(wait=False, cancel_futures=True)
 
     def request(self, namespace: str, name: str) -> None:
         """Reconcile the run soon: queue it (at once; a worker thread does the pass). Never blocks,
@@ -236,9 +243,9 @@ class Reconciler:
             self._later(namespace, name, REFUSAL_BACKOFF)
         if result.recheck is not None:
             self._later(namespace, name, result.recheck)
-        # 7. Tell the user what changed.
-        for event in result.events:
-            self._post(run, event, now, logger)
+        # 7. Tell the user what changed, without waiting for it.
+        if result.events:
+            self._announce(run, result.events, now, logger)
 
     def _is_current(self, run: Mapping[str, Any]) -> bool:
         """Whether the run is stored at the version this pass planned from (asks the API)."""
@@ -343,6 +350,16 @@ class Reconciler:
             raise Taken(f"{obj['kind']} {meta['name']} exists but belongs to another run (owner uid "
                         f"{owner or 'none'}), e.g. a deleted run of this name: created once that one is deleted")
         return False
+
+    def _announce(self, run: Mapping[str, Any], events: tuple[Event, ...], now: datetime, logger: Any) -> None:
+        """Post a pass's Events in order on a poster thread; the pass goes on at once."""
+        def post() -> None:
+            for event in events:
+                self._post(run, event, now, logger)
+        try:
+            self._posters.submit(post)
+        except RuntimeError:  # closed: the operator is stopping, and its Events with it
+            logger.info("events not posted, the operator is stopping run=%s", run["metadata"]["name"])
 
     def _post(self, run: Mapping[str, Any], event: Event, now: datetime, logger: Any) -> None:
         """Events are for people; the change they report is already in status. One the API does

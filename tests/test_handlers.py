@@ -294,12 +294,38 @@ def reconciler_with():
 LOG = logging.getLogger("test")
 
 
+def events_posted(kube: ApiDouble) -> list[str]:
+    return [what for method, what in kube.calls if method == "post_event"]
+
+
 def test_an_event_the_api_refuses_is_logged_and_the_pass_goes_on(reconciler_with):
     kube = ApiDouble()
     kube.fail["post_event"] = [ApiException(status=500, reason="Internal Server Error")] * 3
     reconciler_with(kube).reconcile("ns", "r", cache_of(a_run()), LOG)
     assert f"Job {SYNTH}" in kube.created()
-    assert [what for method, what in kube.calls if method == "post_event"] == ["StageStarted", "RunRunning"]
+    wait_until(lambda: events_posted(kube) == ["StageStarted", "RunRunning"])
+
+
+class HeldEvents(ApiDouble):
+    """An API that holds every Event POST until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def post_event(self, run: dict, event: Event, now: datetime) -> None:
+        self.release.wait(30)
+        super().post_event(run, event, now)
+
+
+def test_a_pass_is_done_before_its_events_are_posted_and_they_follow_in_order(reconciler_with):
+    """The Events go out after the status write, on poster threads: a slow Event POST does not
+    keep the worker from the next run."""
+    kube = HeldEvents()
+    reconciler_with(kube).reconcile("ns", "r", cache_of(a_run()), LOG)
+    assert [method for method, _ in kube.calls] == ["write_status", "create", "create"]  # ConfigMap, Job
+    kube.release.set()
+    wait_until(lambda: events_posted(kube) == ["StageStarted", "RunRunning"])
 
 
 def test_an_earlier_runs_job_of_the_same_name_is_never_adopted(reconciler_with):
