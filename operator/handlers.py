@@ -33,7 +33,7 @@ from . import metrics
 from .kube import Kube
 from .observe import pod_phase, pod_waiting
 from .naming import GROUP, KIND, LABEL_JOB, LABEL_RUN, PLURAL, VERSION
-from .reconciler import Cache, Reconciler, settled, settled_facts
+from .reconciler import EVENT_POSTERS, WORKERS, Cache, Reconciler, settled, settled_facts
 from .settings import OperatorSettings
 
 WATCH_RENEWAL = 600  # seconds
@@ -69,12 +69,22 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, runs: kopf.Index
     settings.networking.request_timeout, settings.networking.connect_timeout = REQUEST_TIMEOUT, CONNECT_TIMEOUT
     for resource, selector in CHILD_SELECTORS.items():
         settings.watching.label_selectors[resource] = selector
-    memo.reconciler = Reconciler(Kube(kubernetes.client.ApiClient()), OperatorSettings.from_env(os.environ))
+    memo.reconciler = Reconciler(Kube(api_client()), OperatorSettings.from_env(os.environ))
     # The per-run gauges are read at scrape time from kopf's run index (settled runs keep the phase
     # and round they read): no copy of the runs to keep in step.
     metrics.track_runs(lambda: [body for bodies in list(runs.values()) for body in bodies],
                        memo.reconciler.settings)
     memo.reconciler.start(Cache(runs, run_jobs, job_pods), logger)
+
+
+def api_client() -> kubernetes.client.ApiClient:
+    """The client as loaded (in-cluster or kubeconfig), keeping a connection for every thread that
+    calls it (the worker and Event poster threads): the client's default keeps 5 per CPU and closes
+    any connection beyond that after its request, so on a small node a busy operator would
+    connect anew for many of its requests."""
+    config = kubernetes.client.Configuration.get_default_copy()
+    config.connection_pool_maxsize = WORKERS + EVENT_POSTERS
+    return kubernetes.client.ApiClient(config)
 
 
 @kopf.on.cleanup()

@@ -122,6 +122,14 @@ def test_configure_skips_kopfs_per_event_diff():
     assert storage.build(body=body) == {} and storage.fetch(body=body) is None
 
 
+def test_the_client_keeps_a_connection_for_every_thread_that_calls_it():
+    settings, memo = kopf.OperatorSettings(), kopf.Memo()
+    configure(settings=settings, memo=memo, logger=logging.getLogger("test"), **NO_INDICES)
+    memo.reconciler.close()
+    pools = memo.reconciler.kube.custom.api_client.rest_client.pool_manager
+    assert pools.connection_pool_kw["maxsize"] == reconciler_module.WORKERS + reconciler_module.EVENT_POSTERS
+
+
 def test_configure_serves_the_per_run_gauges_from_kopfs_run_index():
     run = {"metadata": {"namespace": "team-a", "name": "r1", "generation": 1},
            "spec": {}, "status": {"phase": "Running", "round": 0, "observedGeneration": 1}}
