@@ -197,8 +197,9 @@ class Coverage(_Model):
                            description="Reference corpus: JSONL with a text field, or text lines")
     embedder: str = Field("builtin://all-minilm-l6-v2", max_length=URI_MAX, pattern=MODEL_URI,
                           description="sentence-transformers model")
-    similarity: float = Field(0.5, ge=-1, le=1,
-                              description="A document is covered when its nearest instruction is at least this similar")
+    similarity: float | None = Field(
+        None, ge=-1, le=1, description="A document is covered when its nearest instruction is at least this similar; "
+        "unset: at least as similar as the document's nearest other reference document")
     k: int = Field(10, ge=1, le=1000, description="Neighbours for the SFT-density score")
     gap_docs_per_round: int = Field(ge=0, le=1_000_000,
                                     description="Gap documents handed to the next round's synthesize")

@@ -18,8 +18,9 @@ minProbability on both criteria (I-SHEEP's rule in expectation), and `top-fracti
 judged items by their mean expected score and keeps the best share, whatever the judge's scale.
 Every judged item records its label mass (the probability the judge put on the labels at all);
 below assess.labelMassFloor the score means nothing and the item is rejected by a named rule.
-AITP rewrites are judged by AITP's rubric only: the Self-Instruct and I-SHEEP keyword rules
-remove exactly the gap-domain questions that rewriting exists to add. The same decision applies to
+AITP rewrites are judged by AITP's rubric, after the rules of a question's shape only (length, a
+leading punctuation mark): the Self-Instruct and I-SHEEP keyword rules remove exactly the
+gap-domain questions that rewriting exists to add. The same decision applies to
 their quality against rewriteQuality (AITP keeps quality >= 7: `expected` compares the expected
 score, `probability` P(score >= rewriteQuality), `top-fraction` ranks the rewrites among
 themselves), and a rewrite that needs additional information is rejected under every decision.
@@ -39,7 +40,7 @@ from .runtime import storage
 from .runtime.context import StageContext, StageError, StageOutcome
 from .text.dedup import RougeDeduper
 from .models.engines import Engine, ScoreDistribution, open_engine, template
-from .text.filters import instruction_rejection, response_rejection
+from .text.filters import instruction_rejection, question_rejection, response_rejection
 from .text.prompting import JUDGE
 from .text.records import Candidate
 
@@ -148,10 +149,10 @@ def duplicates(candidates: Sequence[Candidate], deduper: RougeDeduper) -> list[C
 
 def rule_rejection(candidate: Candidate, families: Sequence[str]) -> str | None:
     """The first rule that rejects the item: Self-Instruct's and I-SHEEP's instruction rules of
-    `families`, then I-SHEEP's response rules when "isheep" is among them. AITP rewrites pass:
-    AITP's own rubric judges them (module docstring)."""
+    `families`, then I-SHEEP's response rules when "isheep" is among them. AITP rewrites get only
+    the rules of a question's shape: AITP's own rubric judges them (module docstring)."""
     if candidate.origin == "aitp":
-        return None
+        return question_rejection(candidate.instruction) if families else None
     rule = (
         instruction_rejection(candidate.instruction, candidate.input, families)
         if families

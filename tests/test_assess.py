@@ -158,6 +158,19 @@ def test_rewrites_are_asked_each_criterion_as_a_question_and_the_reply_opens_at_
             assert prompt.endswith(f".\n{prefix}") and "Which format does the archive use?" in prompt
 
 
+@pytest.mark.parametrize("question, rule", [  # what SmolLM2-135M wrote as questions (smol-aitp.yaml)
+    ("7a65f38122e0f19b", "too-few-words"),
+    ("the_title_of_federal_judge_usually_means_a_judge_appointed_by_the_President", "too-few-words"),
+    ("List of questions", "too-few-words"),
+    ("./../*/small_nonpolar_molecules.md/*./de/*./dff/*/nonpolar molecules of the json", "starts-with-punctuation"),
+    (", Question 1: what protects the soft organs of the body?", "starts-with-punctuation"),
+    ("How many songs are included in The Reatards?", None),
+])
+def test_rewrites_get_the_rules_of_a_questions_shape(question, rule):
+    assert rule_rejection(candidate(question, origin="aitp"), ["self-instruct"]) == rule
+    assert rule_rejection(candidate(question, origin="aitp"), []) is None  # no rules asked for
+
+
 def test_a_self_instruct_tasks_instances_share_its_dedup_decision():
     pooled = "Describe the old river in one short sentence."
     items = [

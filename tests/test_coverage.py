@@ -157,11 +157,27 @@ def test_metrics_match_a_brute_force_computation(ws, embedder, present_only):
     top = np.argsort(-union, axis=1)[:, :report["k"]]
     density = (top >= len(reference)).mean(axis=1)
 
-    assert report["coverage"] == pytest.approx(np.mean(nearest >= report["similarity"]), abs=1e-4)
+    own = reference @ reference.T
+    np.fill_diagonal(own, -np.inf)
+    neighbour = own.max(axis=1)
+    assert report["similarity"] is None  # the default: each document's neighbour
+    assert report["coverage"] == pytest.approx(np.mean(nearest >= neighbour), abs=1e-4)
+    assert report["neighbour_similarity"]["mean"] == pytest.approx(neighbour.mean(), abs=1e-3)
+    fixed = analyse(ws, embedder, [cr.alpaca_set(ws.present, new=True)], similarity=0.5).report
+    assert fixed["coverage"] == pytest.approx(np.mean(nearest >= 0.5), abs=1e-4)
     assert report["nearest_similarity"]["mean"] == pytest.approx(nearest.mean(), abs=1e-3)
     assert report["sft_density"]["mean"] == pytest.approx(density.mean(), abs=1e-3)
     base_rate = len(items) / (len(reference) + len(items) - 1)
     assert report["sft_density"]["base_rate"] == pytest.approx(base_rate, abs=1e-4)
+
+
+def test_a_document_is_covered_by_an_item_as_close_as_its_own_neighbour():
+    """A document in a dense region needs a closer item than a lone one; a fixed cosine treats
+    both alike."""
+    scores = cr.Scores(nearest=np.array([0.8, 0.3], np.float32), nearest_before=np.array([0.1, 0.1], np.float32),
+                       neighbour=np.array([0.9, 0.2], np.float32), density=np.zeros(2), k=1, search={})
+    assert (scores.nearest >= cr.thresholds(scores, None)).tolist() == [False, True]
+    assert (scores.nearest >= cr.thresholds(scores, 0.5)).tolist() == [True, False]
 
 
 def test_report_has_every_metric(ws, present_only, tmp_path):
@@ -170,8 +186,8 @@ def test_report_has_every_metric(ws, present_only, tmp_path):
     assert report == present_only.report
     assert set(report) == {
         "coverage", "coverage_before", "coverage_gain", "similarity", "k", "reference",
-        "instructions", "embedder", "nearest_similarity", "sft_density", "per_domain", "gaps",
-        "search"}
+        "instructions", "embedder", "nearest_similarity", "neighbour_similarity", "sft_density", "per_domain",
+        "gaps", "search"}
     assert 0 < report["coverage"] < 1 and report["coverage_before"] == 0  # every item is new here
     assert report["reference"] == {"uri": ws.reference, "docs": len(ws.reference_rows),
                                    "domains": 8, "embeddings_cached": False}  # first in the module
@@ -298,7 +314,7 @@ def test_command_writes_report_gaps_and_map(ws, tmp_path, monkeypatch, present_o
     out = tmp_path / "audit"
     report = cr.coverage_command(
         reference=str(ws.root / "reference.jsonl"), instructions=str(ws.root / "present.jsonl"),
-        out_dir=str(out), gaps=10, similarity=0.5, k=10, embedder=EMBEDDER)
+        out_dir=str(out), gaps=10, similarity=None, k=10, embedder=EMBEDDER)
     assert report == json.loads((out / "report.json").read_text())
     assert report["reference"]["embeddings_cached"]  # the module's cache, via $XDG_CACHE_HOME
     assert report["coverage"] == present_only.report["coverage"] and report["coverage_before"] == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from selfalign.stages.text.parsing import (
@@ -115,6 +117,17 @@ def test_questions_as_strings_or_objects():
     )
     assert questions(original_format, limit=5) == ["What is X?", "How?"]
     assert questions('{"questions":["a?","b?","c?"]}', limit=2) == ["a?", "b?"]
+
+
+def test_a_question_label_before_the_question_is_removed():
+    """Real SmolLM2 replies (examples/smol-aitp.yaml): the label is not part of the question, and a
+    label alone is no question."""
+    reply = json.dumps({"questions": ["Question: How many songs are included in The Reatards?", "Question 2:",
+                                      "Second question: Will Narendra Modi win 400+ seat in L S 2019?"]})
+    assert questions(reply, limit=5) == ["How many songs are included in The Reatards?",
+                                         "Will Narendra Modi win 400+ seat in L S 2019?"]
+    assert questions('{"questions": ["Questions about the text are listed here."]}', 1) == [
+        "Questions about the text are listed here."]
 
 
 @pytest.mark.parametrize(

@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instructions", required=True, help="JSONL with `instruction` (optional input, output)")
     p.add_argument("--out", required=True, type=Path, help="directory for report.json, gaps.jsonl, coverage.png")
     p.add_argument("--gaps", type=int, default=100, help="gap documents to select")
-    p.add_argument("--similarity", type=float, default=0.5, help="covered when nearest item is this similar")
+    p.add_argument("--similarity", type=float, help="covered when the nearest item is this similar "
+                   "(default: as similar as the document's nearest other reference document)")
     p.add_argument("--k", type=int, default=10, help="neighbours for the density score")
     p.add_argument("--embedder", default="builtin://all-minilm-l6-v2", help="sentence-transformers model URI")
     p.set_defaults(func=_coverage)

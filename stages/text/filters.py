@@ -96,6 +96,10 @@ RESPONSE_RULES: tuple[tuple[str, Callable[[str, str, str], bool]], ...] = (
 )
 
 RULES: tuple[str, ...] = tuple(rule[0] for rule in INSTRUCTION_RULES + RESPONSE_RULES)
+# What AITP rewrites are checked by: a question's shape, never the keyword lists (assess.py). A
+# 135M model's "questions" were often identifiers, file paths or labels ("response_0",
+# "./../*/nonpolar_molecules.json", "List of questions"), which the judge did not tell apart.
+SHAPE_RULES = frozenset({"too-few-words", "too-many-words", "starts-with-punctuation", "starts-non-ascii"})
 
 
 def instruction_rejection(instruction: str, input: str, families: Sequence[str]) -> str | None:
@@ -109,6 +113,15 @@ def instruction_rejection(instruction: str, input: str, families: Sequence[str])
     instruction = normalize_instruction(instruction)
     for name, applies_to, rejects in INSTRUCTION_RULES:
         if applies_to.intersection(families) and rejects(instruction, input, families):
+            return name
+    return None
+
+
+def question_rejection(question: str) -> str | None:
+    """The name of the first shape rule (SHAPE_RULES) that rejects an AITP question, else None."""
+    question = normalize_instruction(question)
+    for name, _, rejects in INSTRUCTION_RULES:
+        if name in SHAPE_RULES and rejects(question, "", ()):
             return name
     return None
 

@@ -150,16 +150,23 @@ def _content(text: object) -> str | None:
     return text
 
 
+# A label a small model puts before the question itself: "Question: ...", "Second question: ...".
+_QUESTION_LABEL = re.compile(r"^(?:(?:first|second|third|\d+(?:st|nd|rd|th)?)\s+)?question\s*\d*\s*[:.)-]\s*",
+                             re.IGNORECASE)
+
+
 def questions(completion: str, limit: int) -> list[str]:
     """AITP step (a): {"questions": [...]}, items as strings or {"question": ...} (the original's
-    format); blank, echoed, debris and repeated questions are dropped; at most `limit`."""
+    format), a leading "Question N:" label removed; blank, echoed, debris and repeated questions
+    are dropped; at most `limit`."""
     reply = json_object(completion)
     items = reply.get("questions") if reply else None
     if not isinstance(items, list):
         return []
     found: list[str] = []
     for item in items:
-        text = _content(item.get("question") if isinstance(item, dict) else item)
+        text = item.get("question") if isinstance(item, dict) else item
+        text = _content(_QUESTION_LABEL.sub("", text.strip()) if isinstance(text, str) else text)
         if text and text not in found:
             found.append(text)
     return found[:limit]
