@@ -7,6 +7,7 @@ one engine (their `measure`), as their `main` would start one each.
 """
 from __future__ import annotations
 
+import gc
 import os
 import re
 import tempfile
@@ -108,6 +109,12 @@ def test_operator_benchmark_measures_every_transition_in_both_loads(capsys):
     assert "R=1 #1 where the reaction went: seen -> pass start" in out and "requests: write_status" in out
     assert "R=1 paced, median of 2: p95 gap" in out and "load average before/after" in out
     assert final_ratio(out) > 0
+
+
+def test_the_operator_benchmark_turns_the_harness_collector_off_only_while_runs_go():
+    with operator.without_collector_pauses():
+        assert not gc.isenabled()
+    assert gc.isenabled()
 
 
 @pytest.mark.parametrize("text, score", [("7||clear and correct", 7), (" 10 || fine", 10), ("3", 3),
