@@ -128,6 +128,8 @@ def test_a_question_label_before_the_question_is_removed():
                                          "Will Narendra Modi win 400+ seat in L S 2019?"]
     assert questions('{"questions": ["Questions about the text are listed here."]}', 1) == [
         "Questions about the text are listed here."]
+    assert questions('{"questions": ["Question-answering systems: how do they rank passages?"]}', 1) == [
+        "Question-answering systems: how do they rank passages?"]
 
 
 @pytest.mark.parametrize(

@@ -151,7 +151,7 @@ def _content(text: object) -> str | None:
 
 
 # A label a small model puts before the question itself: "Question: ...", "Second question: ...".
-_QUESTION_LABEL = re.compile(r"^(?:(?:first|second|third|\d+(?:st|nd|rd|th)?)\s+)?question\s*\d*\s*[:.)-]\s*",
+_QUESTION_LABEL = re.compile(r"^(?:(?:first|second|third|\d+(?:st|nd|rd|th)?)\s+)?question\s*\d*\s*[:.)]\s*",
                              re.IGNORECASE)
 
 
