@@ -139,12 +139,13 @@ def runner_script(tmp_path: Path) -> str:
 
 
 def interrupt_when_started(tmp_path: Path, stage: tuple[str, ...]) -> tuple[int, str]:
-    """Start the runner with `stage`, Ctrl-C its process group once the stage printed "stage started"."""
+    """Start the runner with `stage`, Ctrl-C its process group once the stage printed "stage started"
+    (as a line of its own: the log's header line quotes the command, and with it those words)."""
     started = subprocess.Popen([sys.executable, "-c", runner_script(tmp_path), *stage], stdout=subprocess.PIPE,
                                text=True, start_new_session=True)
     log = tmp_path / "runs" / "local" / "tiny" / "logs" / "round-0-synthesize.log"
     deadline = time.monotonic() + 60
-    while "stage started" not in (log.read_text() if log.exists() else ""):
+    while not re.search(r"^stage started", log.read_text() if log.exists() else "", re.MULTILINE):
         assert time.monotonic() < deadline and started.poll() is None
         time.sleep(0.1)
     os.killpg(started.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
@@ -169,7 +170,7 @@ def test_a_stage_that_ignores_ctrl_c_is_terminated_and_the_run_stops(tmp_path):
     code, out = interrupt_when_started(tmp_path, stubborn)
     assert code == 130 and out.splitlines()[-1].startswith("stopped during round 1 synthesize")
     log = (tmp_path / "runs" / "local" / "tiny" / "logs" / "round-0-synthesize.log").read_text()
-    stage_pid = int(log.split("stage started ")[1].split()[0])
+    stage_pid = int(re.search(r"^stage started (\d+)$", log, re.MULTILINE).group(1))
     with pytest.raises(ProcessLookupError):  # ended and reaped, not left running on its own
         os.kill(stage_pid, 0)
 
