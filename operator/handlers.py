@@ -70,8 +70,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, runs: kopf.Index
     for resource, selector in CHILD_SELECTORS.items():
         settings.watching.label_selectors[resource] = selector
     memo.reconciler = Reconciler(Kube(api_client()), OperatorSettings.from_env(os.environ))
-    # The per-run gauges are read at scrape time from kopf's run index (settled runs keep the phase
-    # and round they read): no copy of the runs to keep in step.
+    # The per-run gauges and the runs by phase are read at scrape time from kopf's run index
+    # (settled runs keep the phase and round they read): no copy of the runs to keep in step, and
+    # no work on each run event.
     metrics.track_runs(lambda: [body for bodies in list(runs.values()) for body in bodies],
                        memo.reconciler.settings)
     memo.reconciler.start(Cache(runs, run_jobs, job_pods), logger)
@@ -120,19 +121,13 @@ async def job_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: An
     return {(namespace, labels[LABEL_JOB]): _facts(body)}
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
-async def runs_by_phase(namespace: str, name: str, status: kopf.Status, **_: Any) -> dict:
-    return {status.get("phase") or metrics.PENDING: (namespace, name)}
-
-
 # The event handlers are async and only queue the run (Reconciler.request never blocks): kopf runs
 # a sync handler in its thread pool and holds the object's event queue until it returns, so a
 # pass run inside a handler made events wait for threads, and each waiting event of a run cost
 # a pass of its own.
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def run_changed(namespace: str, name: str, memo: kopf.Memo, runs_by_phase: kopf.Index, **_: Any) -> None:
+async def run_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     memo.reconciler.request(namespace, name)
-    metrics.set_runs_by_phase({phase: len(runs_by_phase.get(phase, ())) for phase in metrics.PHASES})
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, Callable, Iterable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -36,7 +36,6 @@ STAGE_BUCKETS = (1, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28
 # The gap is reaction time: sub-second when watch events flow, seconds when something lags.
 GAP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
-RUNS = Gauge("selfalign_runs", "SelfAlignRuns by status.phase", ["phase"])
 TRANSITIONS = Counter(
     "selfalign_run_transitions", "Run phase transitions", ["namespace", "from_phase", "to_phase"]
 )
@@ -64,6 +63,7 @@ JOB_GAP = Histogram(
 )
 # The gauges RunCollector computes per run, with their labels (the dashboard test reads these).
 RUN_GAUGES = {
+    "selfalign_runs": ("SelfAlignRuns by status.phase, all namespaces (0 for a phase no run is in)", ("phase",)),
     "selfalign_run_phase": ("1 for the phase the run is in", ("namespace", "run", "phase")),
     "selfalign_run_round": ("The round the run is at, counted from 1", ("namespace", "run")),
     "selfalign_run_waiting": ("1 while the current stage waits, by why (status.waiting)",
@@ -102,15 +102,6 @@ def record_reconcile_error(namespace: str = "") -> None:
 
 def observe_job_gap(namespace: str, seconds: float) -> None:
     JOB_GAP.labels(namespace=namespace).observe(_non_negative(seconds))
-
-
-def set_runs_by_phase(counts: Mapping[str, int]) -> None:
-    """Set the gauge for every phase; a phase missing from `counts` has no runs (0)."""
-    unknown = set(counts) - set(PHASES)
-    if unknown:
-        raise ValueError(f"unknown phases {sorted(unknown)}; expected some of {PHASES}")
-    for phase in PHASES:
-        RUNS.labels(phase=phase).set(counts.get(phase, 0))
 
 
 def record_status_change(old: Mapping[str, Any] | None, new: Mapping[str, Any], namespace: str = "") -> None:
@@ -153,10 +144,12 @@ class RunCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         families = {name: GaugeMetricFamily(name, text, labels=labels) for name, (text, labels) in RUN_GAUGES.items()}
+        by_phase = dict.fromkeys(PHASES, 0)
         for run in self._read():
             meta, status = run["metadata"], run.get("status") or {}
             where = [meta["namespace"], meta["name"]]
             phase = status.get("phase") or PENDING
+            by_phase[phase] = by_phase.get(phase, 0) + 1
             families["selfalign_run_phase"].add_metric([*where, phase], 1)
             if "round" in status:
                 families["selfalign_run_round"].add_metric(where, status["round"] + 1)
@@ -174,6 +167,8 @@ class RunCollector(Collector):
             deadline = self._deadline(run.get("spec"), stage)
             if deadline is not None:
                 families["selfalign_stage_deadline_seconds"].add_metric([*where, stage], deadline)
+        for phase, count in by_phase.items():
+            families["selfalign_runs"].add_metric([phase], count)
         yield from families.values()
 
     def _read(self) -> list[Mapping[str, Any]]:

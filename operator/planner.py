@@ -13,8 +13,10 @@ Rules, in the order the code applies them:
    own manifest and completes as a no-op: the stage contract.)
 3. The stages run strictly in order, round by round; the first stage not yet Succeeded is the
    current one. Failed there fails the run; otherwise its Job must exist (an idempotent ensure:
-   created once, re-created only if it vanished before finishing). While the API refuses to
-   create it (quota, admission policy), the stage stays Pending and the run says why.
+   created once, re-created only if it vanished before finishing). The pass that creates it
+   records the stage Running already (one status write per transition; a run with a Kueue
+   `queueName` goes Pending, Queued, then Running). While the API refuses to create it (quota,
+   admission policy), the stage is Pending and the run says why.
 4. `suspend` starts nothing new and suspends the running stage's Job (Job `spec.suspend`: its Pods
    are released); resuming unsuspends the same Job, so the same stage continues. A Job suspended
    by someone else (Kueue, until it admits the Job) makes the stage Queued; the stage record keeps
@@ -196,6 +198,8 @@ def plan(
         _round_entry(rounds, round_).setdefault("model", model_uri(spec, run, round_))
     suspend = True if spec.suspend else (False if record["phase"] == SUSPENDED else None)
     jobs = (EnsureJob(round_, stage, record["job"], run, stage_model(spec, run, round_, stage), suspend),)
+    if record["phase"] == PENDING and "message" not in record and not spec.suspend and not spec.queue_name:
+        _request(record, ts)
 
     waiting = record.get("waiting")
     if spec.suspend:
@@ -276,6 +280,17 @@ def _new_record(rounds, round_: int, stage: str, job: str, ts: str, *, retry: in
     return record
 
 
+def _request(record: dict[str, Any], ts: str) -> None:
+    """The record of a Job this pass creates, as the Job's first event would make it (rule 3):
+    the Job is created right after the status that records it is stored, so the run is written
+    once per transition, not again when that event comes back. A Job's own startTime follows
+    within the Job controller's first sync; the running spell counts from it when the Job ends
+    (`_move`). Not for a run whose Jobs Kueue admits (`queueName`): those start Pending, then
+    Queued, and run from their admission."""
+    record.update(phase=RUNNING, attempts=1, since=ts)
+    record.setdefault("startTime", ts)
+
+
 def attempt_job(run: str, round_: int, stage: str, attempt: int) -> str:
     """The stage's Job for its `attempt`-th try: `<job>-a<N>` from the second on, within MAX_NAME
     (a hash of the first attempt's name stands in for its tail when it is too long)."""
@@ -318,8 +333,11 @@ def _fold_observations(rounds: list[dict[str, Any]], observed: Mapping[str, JobO
             if seen is None or (seen.round, seen.stage) != (entry["round"], stage):
                 continue
             if seen.phase == "Refused":
-                if record["phase"] == PENDING:
-                    record["message"] = (seen.message or "the API refused the Job")[:MAX_MESSAGE]
+                # Its Job does not exist: the stage has not started (whatever `_request` said).
+                record.update(phase=PENDING, attempts=0,
+                              message=(seen.message or "the API refused the Job")[:MAX_MESSAGE])
+                record.pop("since", None)
+                record.pop("startTime", None)
                 continue
             record.pop("message", None)  # a refusal, once the Job exists
             waiting, wait = _waiting(seen, now)
@@ -394,7 +412,9 @@ def _move(record: dict[str, Any], phase: str, seen: JobObservation, ts: str) -> 
     if before == QUEUED:
         _add_spell(record, "queuedSeconds", since, admitted if phase != SUSPENDED else ts)
     elif before == RUNNING:
-        _add_spell(record, "runningSeconds", since, paused if phase in (QUEUED, SUSPENDED) else finished)
+        # Not before the Job's own startTime: a record `_request` made runs from the request.
+        start = max(since, seen.start_time) if since and seen.start_time else since
+        _add_spell(record, "runningSeconds", start, paused if phase in (QUEUED, SUSPENDED) else finished)
     if phase == RUNNING:
         # A resumed Job's startTime may not be reset yet when the pass sees it unsuspended.
         record["since"] = max(admitted, since) if since else admitted
@@ -479,15 +499,15 @@ def _events(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[Event, ...]
             waiting = (record.get("waiting") or {}).get("reason")
             if waiting not in (None, c.QUEUED) and waiting != (prior.get("waiting") or {}).get("reason"):
                 events.append(Event("Warning", "StageWaiting", f"{where}: {record['waiting'].get('message', waiting)}"))
-            if was == now_ and job == prior.get("job"):
-                continue
-            if now_ == PENDING:
-                if prior.get("phase") not in (None, FAILED) and prior.get("job") != job and record.get("history"):
+            if job != prior.get("job"):  # a new record, or the stage's next attempt
+                if prior.get("phase") not in (None, FAILED) and record.get("history"):
                     failed = record["history"][-1]  # restarted whole within one pass: say it failed
                     events.append(Event("Warning", "StageFailed", f"{where}: Job {failed['job']} failed: "
                                         f"{failed.get('message')}; the whole Job starts again"))
                 attempt = f" (attempt {record['attempt']})" if record.get("attempt", 1) > 1 else ""
                 events.append(Event("Normal", "StageStarted", f"{where}: Job {job} created{attempt}"))
+            elif was == now_ or now_ == PENDING:
+                continue
             elif now_ == SUCCEEDED:
                 events.append(Event("Normal", "StageSucceeded", f"{where}: Job {job} succeeded"))
             elif now_ == FAILED:

@@ -527,7 +527,7 @@ async def test_the_event_handlers_only_queue_the_run():
     memo = kopf.Memo(reconciler=reconciler)
     job = kopf.Body(child("Job", SYNTH, "u") | {"metadata": {**child("Job", SYNTH, "u")["metadata"],
                                                              "ownerReferences": [RUN_OWNER]}})
-    await run_changed(namespace="ns", name="r", memo=memo, runs_by_phase={})
+    await run_changed(namespace="ns", name="r", memo=memo)
     await job_changed(namespace="ns", body=job, memo=memo)
     await pod_changed(namespace="ns", labels={LABEL_JOB: SYNTH}, memo=memo, job_runs={("ns", SYNTH): ["r"]})
     assert reconciler.kube.calls == [] and reconciler.queue.get() == ("ns", "r") and reconciler.queue.pending() == 0

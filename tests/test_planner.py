@@ -18,6 +18,10 @@ T0 = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 NS, NAME = "team-a", "camp"
 
 
+def stamp(seconds: float) -> str:
+    return (T0 + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def make_spec(**overrides):
     raw = {
         "recipe": "isheep", "rounds": 2,
@@ -63,9 +67,29 @@ def test_start_creates_first_stage_and_records_it_before_the_job_exists():
     assert result.jobs == (EnsureJob(0, "synthesize", job_name(NAME, 0, "synthesize"),
                                      "s3://bucket/runs/team-a/camp", "s3://models/base"),)
     record = result.status["rounds"][0]["stages"]["synthesize"]
-    assert record["phase"] == "Pending" and record["job"] == job_name(NAME, 0, "synthesize")
+    # Recorded as the Job's first event will show it: that event then changes nothing (one write).
+    assert (record["phase"], record["attempts"], record["startTime"], record["since"]) == ("Running", 1, stamp(0),
+                                                                                           stamp(0))
+    assert record["job"] == job_name(NAME, 0, "synthesize")
     assert result.status["phase"] == "Running"
     assert [e.reason for e in result.events] == ["StageStarted", "RunRunning"]
+    job = result.jobs[0]
+    for start_time in (None, stamp(1)):  # the Job as created, then once the Job controller synced it
+        seen = step(make_spec(), result.status, {job.name: JobObservation(job.name, 0, "synthesize", "Active",
+                                                                          start_time=start_time)}, T0 + timedelta(seconds=2))
+        assert seen.status == result.status and seen.events == ()
+    finished = JobObservation(job.name, 0, "synthesize", "Succeeded", result={}, start_time=stamp(1),
+                              completion_time=stamp(31))
+    record = step(make_spec(), result.status, {job.name: finished}, T0 + timedelta(seconds=32)).status["rounds"][0][
+        "stages"]["synthesize"]
+    assert record["runningSeconds"] == 30  # from the Job's own startTime, not the request
+
+
+def test_a_kueue_run_starts_its_stage_pending_until_the_job_is_seen():
+    result = step(make_spec(queueName="team-a"), None)
+    record = result.status["rounds"][0]["stages"]["synthesize"]
+    assert (record["phase"], record["attempts"]) == ("Pending", 0) and "startTime" not in record
+    assert result.status["message"] == "round 1/2 stage synthesize: pending"
 
 
 def test_two_rounds_run_every_stage_once_in_order_and_succeed():

@@ -9,13 +9,9 @@ import pytest
 from selfalign.operator import conditions as c
 from selfalign.operator.naming import MAX_NAME, job_name
 from selfalign.operator.planner import MOUNT_WAIT, JobObservation, attempt_job
-from tests.test_planner import NAME, T0, cond, done, make_spec, step
+from tests.test_planner import NAME, T0, cond, done, make_spec, stamp, step
 
 MULTI = {"train": {"nodes": 2}, "resources": {"train": {"gpus": 1}}}
-
-
-def stamp(seconds: float) -> str:
-    return (T0 + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def to_stage(spec, stage: str):
@@ -43,9 +39,9 @@ def test_raising_retry_reruns_the_failed_stage_as_a_new_job_and_keeps_finished_w
     retried = step(make_spec(retry=1), broken.status, observed, generation=2)
     assert [(j.stage, j.name) for j in retried.jobs] == [("assess", job_name(NAME, 0, "assess") + "-a2")]
     assert retried.status["phase"] == "Running" and cond(retried.status, c.FAILED)["status"] == "False"
-    assert retried.status["message"] == "round 1/2 stage assess: pending (attempt 2)"
+    assert retried.status["message"] == "round 1/2 stage assess: running (attempt 2)"
     record = retried.status["rounds"][0]["stages"]["assess"]
-    assert (record["phase"], record["attempt"], record["retry"], record["attempts"]) == ("Pending", 2, 1, 0)
+    assert (record["phase"], record["attempt"], record["retry"], record["attempts"]) == ("Running", 2, 1, 1)
     assert record["history"] == [{"attempt": 1, "job": first.name, "reason": "PodFailurePolicy",
                                   "message": "seeds.jsonl:4: bad", "startTime": stamp(0),
                                   "completionTime": stamp(30)}]
@@ -147,11 +143,12 @@ def test_containers_still_creating_count_as_a_mount_wait_only_after_mount_wait()
 
 
 def test_a_queued_job_keeps_its_queue_time_apart_from_its_running_time():
-    first = step(make_spec(), None)
+    kueue = make_spec(queueName="team-a")  # Kueue holds the Jobs that name a LocalQueue
+    first = step(kueue, None)
     job = first.jobs[0]
     queued = {job.name: JobObservation(job.name, 0, "synthesize", "Queued", suspended_at=stamp(0),
                                        message=f"Job {job.name} is suspended until admitted (Kueue)")}
-    waiting = step(make_spec(), first.status, queued, T0 + timedelta(seconds=5))
+    waiting = step(kueue, first.status, queued, T0 + timedelta(seconds=5))
     record = waiting.status["rounds"][0]["stages"]["synthesize"]
     assert (record["phase"], record["waiting"]["reason"], waiting.status["waiting"]) == ("Queued", "Queued", "Queued")
     assert waiting.status["phase"] == "Running" and cond(waiting.status, c.PROGRESSING)["reason"] == c.QUEUED
@@ -159,15 +156,15 @@ def test_a_queued_job_keeps_its_queue_time_apart_from_its_running_time():
     assert [e.reason for e in waiting.events] == ["StageQueued"]
 
     admitted = {job.name: JobObservation(job.name, 0, "synthesize", "Active", start_time=stamp(600))}
-    running = step(make_spec(), waiting.status, admitted, T0 + timedelta(seconds=601))
+    running = step(kueue, waiting.status, admitted, T0 + timedelta(seconds=601))
     preempted = {job.name: JobObservation(job.name, 0, "synthesize", "Queued", start_time=stamp(600),
                                           suspended_at=stamp(700))}
-    requeued = step(make_spec(), running.status, preempted, T0 + timedelta(seconds=701))
+    requeued = step(kueue, running.status, preempted, T0 + timedelta(seconds=701))
     readmitted = {job.name: JobObservation(job.name, 0, "synthesize", "Active", start_time=stamp(1000))}
-    again = step(make_spec(), requeued.status, readmitted, T0 + timedelta(seconds=1001))
+    again = step(kueue, requeued.status, readmitted, T0 + timedelta(seconds=1001))
     finished = {job.name: JobObservation(job.name, 0, "synthesize", "Succeeded", result={}, start_time=stamp(1000),
                                          completion_time=stamp(1050))}
-    record = step(make_spec(), again.status, finished, T0 + timedelta(seconds=1051)).status["rounds"][0]["stages"][
+    record = step(kueue, again.status, finished, T0 + timedelta(seconds=1051)).status["rounds"][0]["stages"][
         "synthesize"]
     assert (record["queuedSeconds"], record["runningSeconds"]) == (600 + 300, 100 + 50)
     assert "since" not in record and "waiting" not in record and record["startTime"] == stamp(600)
@@ -176,7 +173,7 @@ def test_a_queued_job_keeps_its_queue_time_apart_from_its_running_time():
 def test_status_counts_rounds_from_one_for_people_and_keeps_the_index():
     result = step(make_spec(rounds=3), None)
     assert (result.status["round"], result.status["roundOf"]) == (0, "1/3")
-    assert result.status["message"] == "round 1/3 stage synthesize: pending"
+    assert result.status["message"] == "round 1/3 stage synthesize: running"
 
 
 def test_retry_may_only_grow_as_the_api_server_checks_it():

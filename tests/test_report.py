@@ -303,7 +303,7 @@ def test_status_of_a_run_without_manifests_takes_the_rounds_from_its_spec(storag
     assert status(storage.as_uri(), "fresh") == 0
     out = capsys.readouterr().out
     assert out.startswith("run fresh: Running, round 1/2 stage synthesize\n")
-    assert re.search(r"^1 +synthesize +Pending +0 +- +-$", out, re.M)
+    assert re.search(r"^1 +synthesize +Running +1 +- +-$", out, re.M)
 
 
 @pytest.mark.parametrize("status, rounds, shown", [
@@ -452,8 +452,8 @@ def test_report_of_a_run_that_has_just_started_says_each_plot_has_no_data(pages)
     assert images(page) == []
     for anchor in FIGURES:
         assert '<p class="missing">No data: ' in section(page, anchor), anchor
-    assert "No stage has started" not in page  # the pending synthesize record is a row
-    assert "round 0 synthesize: no manifest (pending)" in section(page, "missing")
+    assert "No stage has started" not in page  # the running synthesize record is a row
+    assert "round 0 synthesize: no manifest (running)" in section(page, "missing")
     assert "0 of 2 finished" in section(page, "summary")  # spec.json gives the total
 
 
