@@ -28,7 +28,8 @@ operator and the stage subprocesses (and with other work: see the load average).
 Operator CPU per transition: the operator process's CPU time (time.process_time, all its threads:
 kopf's event loop and watch streams, the handler threads) from just before the runs are created
 until all have finished, divided by the transitions. That window also holds each run's first Job
-and its final status writes, so it is an upper bound. The operator's own histogram
+and its final status writes, so it is an upper bound. It is also split by thread (`thread_cpu`): kopf's
+event loop, the reconciler's workers and its Event posters. The operator's own histogram
 selfalign_job_gap_seconds is read from that process too (its timestamps come from Kubernetes
 objects, with one-second resolution).
 
@@ -175,11 +176,28 @@ async def _serve_operator(url: str, conn, timeline: dict) -> None:
     operator = OperatorProcess(SimpleNamespace(url=url))  # it only needs the URL until kill()
     await operator.start()
     conn.send(time.process_time())
+    threads_before = thread_cpu()
     await asyncio.to_thread(conn.recv)
-    cpu = time.process_time()
+    cpu, threads = time.process_time(), thread_cpu()
     conn.send({"cpu": cpu, "rss": psutil.Process().memory_info().rss, "gap_histogram": _gap_histogram(),
+               "threads": {group: seconds - threads_before.get(group, 0.0) for group, seconds in threads.items()},
                **timeline})
     await operator.stop()
+
+
+THREAD_GROUPS = {"MainThread": "kopf loop", "selfalign-worker": "workers", "selfalign-events": "event posters"}
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads so far, by group: kopf's event loop (the main thread:
+    watch streams, kopf's event processing, index and event handlers), the reconciler's workers
+    (passes), its Event posters, and the rest (ended threads are not counted)."""
+    names = {thread.native_id: thread.name.rstrip("0123456789-_") for thread in threading.enumerate()}
+    groups: dict[str, float] = {}
+    for thread in psutil.Process().threads():
+        group = THREAD_GROUPS.get(names.get(thread.id, ""), "other")
+        groups[group] = groups.get(group, 0.0) + thread.user_time + thread.system_time
+    return groups
 
 
 def _gap_histogram() -> dict:
@@ -239,6 +257,7 @@ class Result:
     rss_peak: int  # the largest operator RSS sampled while the runs ran
     wall: float  # creating the runs -> all finished
     operator_cpu: float
+    operator_threads: dict  # thread group -> its CPU seconds in the same window (thread_cpu)
     harness_cpu: float  # this process: the emulator and the kubelet (not the stage subprocesses)
     operator_requests: int  # API requests the operator made (kopf's watches and the reconciler's calls)
     jobs: int
@@ -309,6 +328,7 @@ async def measure(runs: int, rounds: int, root: Path, timeout: float,
             memory.peak,
             wall,
             stopped["cpu"] - cpu_before,
+            stopped["threads"],
             harness_cpu,
             sum(map(sent_by_operator, emulator.log)),
             len(emulator.created),
@@ -350,13 +370,16 @@ def spread(seconds: np.ndarray) -> str:
 def report(result: Result, repeat: int) -> None:
     histogram = result.gap_histogram
     within = histogram["buckets"].get("0.5", 0.0) / histogram["count"] if histogram["count"] else 0.0
+    by_thread = ", ".join(f"{group} {seconds / result.transitions * 1000:.1f} ms"
+                          for group, seconds in sorted(result.operator_threads.items(), key=lambda kv: -kv[1]))
     common.line(f"R={result.runs} {result.load_model} #{repeat}", (
         f"{result.transitions} transitions ({result.jobs} Jobs) in {result.wall:.1f} s; "
         f"gap {spread(result.gaps)}; of which event delivery {spread(result.notice)}, operator reaction "
         f"{spread(result.react)}; operator {result.operator_cpu:.2f} CPU-s = "
         f"{result.operator_cpu / result.transitions * 1000:.1f} CPU-ms per transition "
         f"({result.operator_cpu / result.wall:.0%} of a core), "
-        f"{result.operator_requests / result.transitions:.1f} API requests per transition; "
+        f"{result.operator_requests / result.transitions:.1f} API requests per transition; of its CPU per "
+        f"transition, {by_thread}; "
         f"{result.transitions / result.wall:.1f} transitions/s; emulator and kubelet "
         f"{result.harness_cpu:.1f} CPU-s ({result.harness_cpu / result.wall:.0%} of a core); operator RSS "
         f"{result.rss_half / 2**20:.0f} MiB with half the runs finished (peak {result.rss_peak / 2**20:.0f} MiB); "

@@ -107,6 +107,8 @@ def test_operator_benchmark_measures_every_transition_in_both_loads(capsys):
     assert "R=2 lockstep #1: 8 transitions (10 Jobs)" in out
     assert "selfalign_job_gap_seconds: 4 observed" in out and "selfalign_job_gap_seconds: 8 observed" in out
     assert "R=1 #1 where the reaction went: seen -> pass start" in out and "requests: write_status" in out
+    split = re.findall(r"of its CPU per transition, ([^;]+);", out)
+    assert len(split) == 3 and all("kopf loop" in s and "workers" in s for s in split)
     assert "R=1 paced, median of 2: p95 gap" in out and "load average before/after" in out
     assert final_ratio(out) > 0
 
