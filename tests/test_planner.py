@@ -155,11 +155,14 @@ def test_a_refused_job_keeps_its_stage_pending_and_the_run_says_why_until_the_jo
     waiting = step(make_spec(), first.status, refused)
     record = waiting.status["rounds"][0]["stages"]["synthesize"]
     assert (record["phase"], record["message"]) == ("Pending", refused[job.name].message)
+    assert record["attempts"] == 0 and "startTime" not in record and "since" not in record  # not started
     assert waiting.jobs == (job,)  # still wanted: the create is tried again
     assert waiting.status["phase"] == "Running" and "exceeded quota" in waiting.status["message"]
     assert cond(waiting.status, c.PROGRESSING)["reason"] == c.JOB_REFUSED
     running = step(make_spec(), waiting.status, {job.name: JobObservation(job.name, 0, "synthesize", "Active")})
-    assert "message" not in running.status["rounds"][0]["stages"]["synthesize"]
+    record = running.status["rounds"][0]["stages"]["synthesize"]
+    assert "message" not in record and (record["phase"], record["attempts"]) == ("Running", 1)
+    assert "startTime" in record
     assert cond(running.status, c.PROGRESSING)["reason"] == c.STAGE_RUNNING
     assert "quota" not in running.status["message"]
 
